@@ -1,0 +1,151 @@
+"""Builds each long-running component from the settings: the scoring consumer, the
+labeler and the incremental trainer. The CLI runs one per process."""
+
+from __future__ import annotations
+
+import logging
+from threading import Event
+
+import torch
+
+from camoe.feature_store import OnlineFeatures, counter_pusher, open_store
+from camoe.settings import Settings
+from consumers.labeler import Labeler
+from consumers.scoring import Scorer
+from services.stack import Endpoints, Stack
+from services.triton import TritonClient
+from streaming.app import StreamApp
+from streaming.avro import codec_for
+from trainer.export import Publisher
+from trainer.model import build_camoe
+from trainer.train import IncrementalTrainer
+
+log = logging.getLogger(__name__)
+
+CODECS = {  # topic field in settings -> schema name
+    "ad_requests": "ad_request",
+    "ad_scores": "ad_scores",
+    "feature_log": "feature_log",
+    "ad_clicks": "ad_click",
+    "labelled_events": "labelled_event",
+    "model_updates": "model_update",
+    "dead_letters": "dead_letter",
+}
+
+
+class NotRunningError(RuntimeError):
+    """A service the component needs has no address."""
+
+
+def endpoints_for(settings: Settings, *needed: str) -> Endpoints:
+    endpoints = Stack(settings).endpoints()
+    variables = {"kafka": "KAFKA_BOOTSTRAP_SERVERS", "triton": "TRITON_URL", "redis": "REDIS_URL"}
+    for name in needed:
+        if getattr(endpoints, name) is None:
+            raise NotRunningError(
+                f"{name} is not running: start the stack (`camoe stack up`) "
+                f"or set {variables[name]}"
+            )
+    return endpoints
+
+
+def _codecs(settings: Settings, *fields: str) -> dict[str, object]:
+    topics = settings.kafka.topics
+    return {
+        getattr(topics, f).name: codec_for(
+            CODECS[f], settings.kafka.schema_registry_url, getattr(topics, f).name
+        )
+        for f in fields
+    }
+
+
+def _app(
+    settings: Settings,
+    name: str,
+    group_id: str,
+    sources: tuple[str, ...],
+    sinks: tuple[str, ...],
+    batch_size: int,
+    guarantee: str = "at-least-once",
+) -> StreamApp:
+    endpoints = endpoints_for(settings, "kafka")
+    return StreamApp(
+        name=name,
+        bootstrap_servers=endpoints.kafka,
+        group_id=group_id,
+        sources=_codecs(settings, *sources),
+        sinks=_codecs(settings, *sinks),
+        dead_letter_topic=settings.kafka.topics.dead_letters.name,
+        guarantee=guarantee,
+        batch_size=batch_size,
+    )
+
+
+def run_scoring(settings: Settings, stop: Event) -> None:
+    needed = ("kafka", "triton") + (("redis",) if settings.feast.online_store == "redis" else ())
+    endpoints = endpoints_for(settings, *needed)
+    features = OnlineFeatures(
+        open_store(settings.feast, endpoints.redis), settings.feast.feature_service
+    )
+    triton = TritonClient(endpoints.triton, settings.triton.model_name, settings.triton.timeout_s)
+    s = settings.scoring
+    app = _app(
+        settings,
+        "scoring",
+        s.group_id,
+        ("ad_requests",),
+        ("ad_scores", "feature_log"),
+        s.batch_size,
+        s.guarantee,
+    )
+    log.info("scoring consumer running (%s)", s.guarantee)
+    app.run(Scorer(settings, features, triton), stop)
+
+
+def run_labeler(settings: Settings, stop: Event) -> None:
+    endpoints = endpoints_for(settings, "kafka")
+    store = open_store(settings.feast, endpoints.redis)
+    topics = settings.kafka.topics
+    labeler = Labeler(
+        topics.feature_log.name,
+        topics.labelled_events.name,
+        settings.labeler.attribution_window_s,
+        push_counters=counter_pusher(store),
+    )
+    app = _app(
+        settings,
+        "labeler",
+        settings.labeler.group_id,
+        ("feature_log", "ad_clicks"),
+        ("labelled_events",),
+        settings.labeler.batch_size,
+    )
+    log.info("labeler running (window %.1fs)", settings.labeler.attribution_window_s)
+    app.run(labeler, stop, commit_policy=labeler.safe_offsets)
+
+
+def run_trainer(settings: Settings, stop: Event) -> None:
+    endpoints = endpoints_for(settings, "kafka", "triton")
+    checkpoint = settings.trainer.checkpoint_dir / "model.pt"
+    if not checkpoint.exists():
+        raise NotRunningError(f"no trained model at {checkpoint}: run `camoe prepare` first")
+    model = build_camoe(settings)
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    client = TritonClient(endpoints.triton, settings.triton.model_name, settings.triton.timeout_s)
+    publisher = Publisher(settings.triton.model_repo, settings.triton.model_name, client)
+    trainer = IncrementalTrainer(
+        settings, model, publisher, settings.kafka.topics.model_updates.name, checkpoint
+    )
+    app = _app(
+        settings,
+        "trainer",
+        settings.trainer.group_id,
+        ("labelled_events",),
+        ("model_updates",),
+        settings.trainer.batch_size * 4,
+    )
+    log.info(
+        "incremental trainer running (publish every %d examples)",
+        settings.trainer.publish_every_examples,
+    )
+    app.run(trainer, stop)

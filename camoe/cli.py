@@ -1,0 +1,107 @@
+"""The ``camoe`` command line.
+
+camoe stack up|down|status     the local Kafka, Triton and Redis
+camoe prepare                  Feast data + apply + materialise, model version 1
+camoe score | label | train    run one component until stopped (SIGTERM / Ctrl-C)
+camoe demo [--duration S]      the whole loop for a bounded time, with a summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from threading import Event
+
+from camoe.settings import Settings
+
+
+def _stop_event() -> Event:
+    stop = Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="camoe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+    stack = commands.add_parser("stack", help="local services")
+    stack.add_argument("action", choices=["up", "down", "status"])
+    commands.add_parser("prepare", help="Feast apply + materialise, model version 1")
+    for name in ("score", "label", "train"):
+        commands.add_parser(name, help=f"run the {name} component")
+    demo = commands.add_parser("demo", help="run the whole loop for a bounded time")
+    demo.add_argument("--duration", type=float, default=None, help="seconds of traffic")
+    demo.add_argument("--out", type=Path, default=Path("out/demo.json"))
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("feast", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    # Imported here: `camoe stack status` should not pay for torch and Feast.
+    from camoe.apps import NotRunningError
+    from services.exceptions import StackError
+
+    try:
+        settings = Settings()
+        return _run(args, settings)
+    except (StackError, NotRunningError, FileNotFoundError, ValueError) as error:
+        print(f"camoe: {error}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from services.stack import Stack
+
+    if args.command == "stack":
+        stack = Stack(settings)
+        if args.action == "up":
+            stack.up()
+        elif args.action == "down":
+            print("stopped: " + (", ".join(stack.down()) or "nothing was running"))
+            return 0
+        for name, line in stack.status().items():
+            print(f"{name:>7}: {line}")
+        return 0
+    if args.command == "prepare":
+        from camoe.pipeline import prepare
+
+        prepare(settings, Stack(settings).endpoints())
+        return 0
+    if args.command in ("score", "label", "train"):
+        from camoe import apps
+
+        run = {"score": apps.run_scoring, "label": apps.run_labeler, "train": apps.run_trainer}[
+            args.command
+        ]
+        run(settings, _stop_event())
+        return 0
+    if args.command == "demo":
+        from camoe.pipeline import demo_settings, print_summary, run_loop
+
+        settings = demo_settings(settings)
+        duration = args.duration if args.duration is not None else settings.demo.duration_s
+        print(
+            f"camoe demo: {duration:.0f}s of traffic at "
+            f"{settings.simulator.requests_per_second:.0f} requests/s (logs in "
+            f"{settings.stack.state_dir / 'logs'})",
+            flush=True,
+        )
+        summary = run_loop(settings, duration, progress=lambda line: print(line, flush=True))
+        print_summary(summary, args.out)
+        return 0 if not summary["component_failures"] else 1
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

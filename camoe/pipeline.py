@@ -1,0 +1,245 @@
+"""Runs the whole loop: prepares features and the first model, starts the scoring
+consumer, the labeler and the trainer as processes, and drives simulated traffic."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from camoe.feature_store import apply_and_materialize, open_store
+from camoe.settings import Settings
+from services.kafka import group_members
+from services.stack import Endpoints, Stack
+from services.triton import TritonClient
+from simulator.driver import TrafficDriver, TrafficStats
+from simulator.traffic import World
+from trainer.export import Publisher, versions
+from trainer.model import build_camoe
+from trainer.train import fit, save_model
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("score", "label", "train")
+
+
+class ComponentError(RuntimeError):
+    """A component process failed to start or died."""
+
+
+def prepare(settings: Settings, endpoints: Endpoints) -> None:
+    """Feast offline data + apply + materialise, and model version 1 if there is none."""
+    world = World(settings.simulator)
+    repo = Path(settings.feast.repo_path)
+    world.write_offline_data(repo / "data")
+    apply_and_materialize(open_store(settings.feast, endpoints.redis))
+    model_dir = Path(settings.triton.model_repo) / settings.triton.model_name
+    checkpoint = settings.trainer.checkpoint_dir / "model.pt"
+    client = (
+        TritonClient(endpoints.triton, settings.triton.model_name) if endpoints.triton else None
+    )
+    if versions(model_dir) and checkpoint.exists():
+        if client is not None:
+            client.load()
+        return
+    log.info(
+        "training version 1 offline on %d simulated requests", settings.trainer.pretrain_requests
+    )
+    history = world.history(settings.trainer.pretrain_requests)
+    model = build_camoe(settings)
+    fit(
+        model,
+        history,
+        epochs=2,
+        batch_size=settings.trainer.batch_size,
+        learning_rate=settings.trainer.learning_rate,
+    )
+    save_model(model, checkpoint)
+    check = (history["categorical"][:64], history["numeric"][:64], history["format"][:64])
+    version = Publisher(settings.triton.model_repo, settings.triton.model_name, client).publish(
+        model, check
+    )
+    log.info("published version %d", version)
+
+
+def write_settings(settings: Settings, path: Path) -> Path:
+    """Writes the settings as a config file, so child processes share them exactly."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+@contextmanager
+def components(
+    settings: Settings, endpoints: Endpoints, names: tuple[str, ...] = COMPONENTS
+) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """Runs ``camoe <name>`` for each component in its own process; stops them on exit."""
+    state = Path(settings.stack.state_dir)
+    config = write_settings(settings, state / "settings.yaml")
+    env = {
+        **os.environ,
+        "CAMOE_CONFIG": str(config),
+        "KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka or "",
+    }
+    if endpoints.triton:
+        env["TRITON_URL"] = endpoints.triton
+    if endpoints.redis:
+        env["REDIS_URL"] = endpoints.redis
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name in names:
+            log_path = state / "logs" / f"{name}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("ab") as out:
+                processes[name] = subprocess.Popen(
+                    [sys.executable, "-m", "camoe.cli", name],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                )
+        groups = {
+            "score": settings.scoring.group_id,
+            "label": settings.labeler.group_id,
+            "train": settings.trainer.group_id,
+        }
+        for name in names:
+            _wait_ready(
+                name,
+                processes[name],
+                endpoints.kafka or "",
+                groups[name],
+                state / "logs" / f"{name}.log",
+            )
+        yield processes
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for name, process in processes.items():
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in 30s; killing it", name)
+                process.kill()
+                process.wait()
+
+
+def _wait_ready(
+    name: str,
+    process: subprocess.Popen[bytes],
+    bootstrap: str,
+    group_id: str,
+    log_path: Path,
+    timeout_s: float = 180.0,
+) -> None:
+    """Waits until the component's consumer holds its partitions (it has joined its group)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ComponentError(
+                f"camoe {name} exited with code {process.returncode} while starting; see {log_path}"
+            )
+        try:
+            if group_members(bootstrap, group_id) > 0:
+                log.info("camoe %s is consuming", name)
+                return
+        except Exception:  # the group does not exist until the consumer first joins
+            pass
+        time.sleep(0.5)
+    raise ComponentError(
+        f"camoe {name} did not join its consumer group within {timeout_s:.0f}s; see {log_path}"
+    )
+
+
+def progress_line(stats: TrafficStats) -> str:
+    s = stats.summary()
+    versions = ", ".join(f"v{k}: {n}" for k, n in s["model_versions"].items()) or "-"
+    return (
+        f"[{s['seconds']:5.0f}s] requests {s['requests']:6d} | scored {s['scored']:6d} | "
+        f"clicks {s['clicks']:4d} | labels {s['labels']:6d} | versions {versions} | "
+        f"p50 {s['latency_p50_ms']:.0f} ms p99 {s['latency_p99_ms']:.0f} ms"
+    )
+
+
+def drive(
+    settings: Settings,
+    endpoints: Endpoints,
+    duration_s: float,
+    progress: Callable[[str], None] | None,
+    drain_s: float,
+) -> TrafficStats:
+    """Simulated traffic for ``duration_s`` (its Kafka clients end with this call)."""
+    driver = TrafficDriver(settings, endpoints.kafka or "", World(settings.simulator))
+    try:
+        return driver.run(
+            duration_s,
+            progress=(lambda st: progress(progress_line(st))) if progress else None,
+            drain_s=drain_s,
+        )
+    finally:
+        driver.close()
+
+
+def run_loop(
+    settings: Settings,
+    duration_s: float,
+    progress: Callable[[str], None] | None = None,
+    drain_s: float | None = None,
+) -> dict[str, Any]:
+    """The whole loop for a bounded time on the stack; returns the driver's summary."""
+    stack = Stack(settings)
+    before = stack.endpoints()
+    endpoints = stack.up()
+    started_here = [n for n in ("kafka", "triton", "redis") if getattr(before, n) is None]
+    try:
+        prepare(settings, endpoints)
+        with components(settings, endpoints) as processes:
+            stats = drive(
+                settings,
+                endpoints,
+                duration_s,
+                progress,
+                settings.labeler.attribution_window_s + 5 if drain_s is None else drain_s,
+            )
+            failed = {n: p.returncode for n, p in processes.items() if p.poll() is not None}
+        summary = stats.summary()
+        summary["component_failures"] = failed
+        return summary
+    finally:
+        if started_here:
+            stack.down()
+
+
+def demo_settings(settings: Settings) -> Settings:
+    """The demo's overrides: its rate, publishing cadence and click boost."""
+    d = settings.demo
+    return settings.model_copy(
+        update={
+            "simulator": settings.simulator.model_copy(
+                update={"requests_per_second": d.requests_per_second, "click_boost": d.click_boost}
+            ),
+            "trainer": settings.trainer.model_copy(
+                update={"publish_every_examples": d.publish_every_examples}
+            ),
+        }
+    )
+
+
+def print_summary(summary: dict[str, Any], out: Path | None = None) -> None:
+    print("\nsummary")
+    for key, value in summary.items():
+        print(f"  {key:>18}: {value}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2))
+        print(f"  written to {out}")

@@ -1,0 +1,226 @@
+"""One typed settings object for every process of the system.
+
+Values come from, highest priority first: keyword arguments, ``CAMOE_*`` environment
+variables (nested with ``__``, e.g. ``CAMOE_SCORING__BATCH_SIZE=256``), the three
+service variables users already know (``KAFKA_BOOTSTRAP_SERVERS``, ``TRITON_URL``,
+``REDIS_URL``), the YAML file named by ``CAMOE_CONFIG`` (default ``camoe.yaml`` in the
+working directory, if present), and the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, Field
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DeliveryGuarantee = Literal["at-least-once", "exactly-once"]
+
+
+class TopicSpec(BaseModel):
+    name: str
+    partitions: int = 1
+
+
+class TopicsSettings(BaseModel):
+    """Topic names and partition counts; DESIGN.md describes each contract."""
+
+    ad_requests: TopicSpec = TopicSpec(name="ad-requests", partitions=4)
+    ad_scores: TopicSpec = TopicSpec(name="ad-scores", partitions=4)
+    feature_log: TopicSpec = TopicSpec(name="feature-log", partitions=4)
+    ad_clicks: TopicSpec = TopicSpec(name="ad-clicks", partitions=4)
+    labelled_events: TopicSpec = TopicSpec(name="labelled-events", partitions=1)
+    model_updates: TopicSpec = TopicSpec(name="model-updates", partitions=1)
+    dead_letters: TopicSpec = TopicSpec(name="dead-letters", partitions=1)
+
+    def all(self) -> list[TopicSpec]:
+        return [getattr(self, name) for name in type(self).model_fields]
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str | None = Field(
+        default=None, description="Existing cluster; when unset the local stack starts a broker."
+    )
+    version: str = "4.1.1"
+    heap_mb: int = 512
+    schema_registry_url: str | None = None
+    topics: TopicsSettings = TopicsSettings()
+
+
+class TritonSettings(BaseModel):
+    url: str | None = Field(
+        default=None, description="Existing server's gRPC host:port; unset starts a local one."
+    )
+    http_url: str | None = None
+    model_name: str = "camoe"
+    model_repo: Path = ROOT / "model_repo"
+    timeout_s: float = 5.0
+
+
+class RedisSettings(BaseModel):
+    url: str | None = Field(default=None, description="redis://host:port; unset starts one.")
+
+
+class FeastSettings(BaseModel):
+    repo_path: Path = ROOT / "feature_repo"
+    online_store: Literal["sqlite", "redis"] = "sqlite"
+    feature_service: str = "camoe_v1"
+
+
+class SimulatorSettings(BaseModel):
+    """Parameters of the traffic simulator's generative model (see simulator/traffic.py)."""
+
+    seed: int = 7
+    n_users: int = 2_000
+    n_ads: int = 200
+    n_campaigns: int = 40
+    candidates_per_request: int = 4
+    format_shares: dict[str, float] = {"audio": 0.70, "video": 0.10, "display": 0.20}
+    base_ctr: dict[str, float] = {"audio": 0.004, "video": 0.012, "display": 0.008}
+    foreground_share: float = 0.3
+    foreground_lift: float = 10.0
+    affinity_dim: int = 4
+    affinity_strength: float = 1.2
+    cross_strength: float = 0.8
+    click_delay_median_s: float = 2.0
+    click_delay_sigma: float = 1.0
+    drift_per_hour: float = 0.0
+    requests_per_second: float = 50.0
+    click_boost: float = Field(
+        default=1.0,
+        description="Multiplies every CTR; raise it in short demos so a minute yields labels.",
+    )
+
+
+class ScoringSettings(BaseModel):
+    group_id: str = "camoe-scoring"
+    batch_size: int = 64
+    poll_timeout_s: float = 0.05
+    guarantee: DeliveryGuarantee = "at-least-once"
+    max_candidates: int = 64
+
+
+class LabelerSettings(BaseModel):
+    group_id: str = "camoe-labeler"
+    attribution_window_s: float = 10.0
+    batch_size: int = 500
+
+
+class TrainerSettings(BaseModel):
+    group_id: str = "camoe-trainer"
+    batch_size: int = 256
+    learning_rate: float = 3e-3
+    publish_every_examples: int = 2_000
+    pretrain_requests: int = 20_000
+    checkpoint_dir: Path = ROOT / ".cache" / "trainer"
+
+
+class ModelSettings(BaseModel):
+    """CAMoE hyper-parameters; constructor keywords equal these keys."""
+
+    embedding_dim: int = 8
+    cross_layers: int = 2
+    expert_hidden: list[int] = [64, 32]
+    shared_experts: int = 2
+    experts_per_group: int = 2
+    tower_hidden: list[int] = [16]
+    groups: list[list[str]] = [["audio", "display"], ["video"]]
+
+
+class DemoSettings(BaseModel):
+    """``make demo``: a bounded run of the whole loop."""
+
+    duration_s: float = 60.0
+    requests_per_second: float = 50.0
+    publish_every_examples: int = 500
+    click_boost: float = 2.0
+
+
+class StackSettings(BaseModel):
+    state_dir: Path = ROOT / ".cache" / "stack"
+    startup_timeout_s: float = 90.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CAMOE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    triton: TritonSettings = TritonSettings()
+    redis: RedisSettings = RedisSettings()
+    feast: FeastSettings = FeastSettings()
+    simulator: SimulatorSettings = SimulatorSettings()
+    scoring: ScoringSettings = ScoringSettings()
+    labeler: LabelerSettings = LabelerSettings()
+    trainer: TrainerSettings = TrainerSettings()
+    model: ModelSettings = ModelSettings()
+    stack: StackSettings = StackSettings()
+    demo: DemoSettings = DemoSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            ServiceUrlSource(settings_cls),
+            YamlFileSource(settings_cls),
+        )
+
+    @cached_property
+    def formats(self) -> list[str]:
+        return list(self.simulator.format_shares)
+
+
+class ServiceUrlSource(PydanticBaseSettingsSource):
+    """Reads the conventional service variables: set one and that service is not started."""
+
+    VARIABLES: ClassVar[dict[str, tuple[str, str]]] = {
+        "KAFKA_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers"),
+        "TRITON_URL": ("triton", "url"),
+        "REDIS_URL": ("redis", "url"),
+    }
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for variable, (section, key) in self.VARIABLES.items():
+            if os.environ.get(variable):
+                values.setdefault(section, {})[key] = os.environ[variable]
+        return values
+
+
+class YamlFileSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = Path(os.environ.get("CAMOE_CONFIG", "camoe.yaml"))
+        if not path.exists():
+            if "CAMOE_CONFIG" in os.environ:
+                raise FileNotFoundError(f"CAMOE_CONFIG names {path}, which does not exist")
+            return {}
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the config file must be a mapping of sections")
+        return data

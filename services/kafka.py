@@ -1,0 +1,165 @@
+"""Apache Kafka (KRaft, one combined broker+controller) as a local process, and topic admin."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from camoe.settings import ROOT, KafkaSettings, TopicSpec
+from services.exceptions import PrerequisiteError
+from services.process import free_port, start_process
+
+HERE = Path(__file__).parent
+LIBS = ROOT / ".cache" / "kafka" / "libs"
+
+
+def ensure_jars(libs: Path = LIBS) -> Path:
+    """Resolves the broker's jars from Maven Central once (services/pom.xml)."""
+    if any(libs.glob("kafka_2.13-*.jar")):
+        return libs
+    if shutil.which("mvn") is None:
+        raise PrerequisiteError(
+            "Maven is missing: install it (`apt-get install maven`) or run `make setup`"
+        )
+    result = subprocess.run(
+        [
+            "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(HERE / "pom.xml"),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={libs}",
+            "-DincludeScope=runtime",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise PrerequisiteError(
+            f"Maven could not resolve the Kafka jars (exit {result.returncode}): "
+            f"{(result.stdout + result.stderr).strip().splitlines()[-1:]}; "
+            "check access to Maven Central"
+        )
+    return libs
+
+
+def java() -> str:
+    path = shutil.which("java")
+    if path is None:
+        raise PrerequisiteError(
+            "Java 17+ is missing: install it (`apt-get install openjdk-17-jre-headless`)"
+        )
+    return path
+
+
+def start_broker(
+    settings: KafkaSettings, data_dir: Path, log_path: Path, timeout_s: float
+) -> tuple[int, str]:
+    """Formats a fresh KRaft log folder and starts a broker; returns (pid, bootstrap)."""
+    libs = ensure_jars()
+    port, controller_port = free_port(), free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    properties = data_dir / "server.properties"
+    properties.write_text(
+        "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
+                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+                "controller.listener.names=CONTROLLER",
+                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                f"log.dirs={data_dir / 'logs'}",
+                "num.partitions=1",
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=4",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "transaction.state.log.num.partitions=4",
+                "group.initial.rebalance.delay.ms=0",
+                "auto.create.topics.enable=false",
+                "",
+            ]
+        )
+    )
+    classpath = f"{libs}/*"
+    jvm = [
+        java(),
+        f"-Xmx{settings.heap_mb}m",
+        f"-Xms{min(settings.heap_mb, 256)}m",
+        "-XX:+UseG1GC",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={HERE / 'kafka-log4j2.properties'}",
+        "-cp",
+        classpath,
+    ]
+    cluster_id = (
+        subprocess.run(
+            [*jvm, "kafka.tools.StorageTool", "random-uuid"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    subprocess.run(
+        [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(properties)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    bootstrap = f"127.0.0.1:{port}"
+    pid = start_process(
+        "kafka",
+        [*jvm, "kafka.Kafka", str(properties)],
+        log_path,
+        healthy=lambda: broker_ready(bootstrap),
+        timeout_s=timeout_s,
+    )
+    return pid, bootstrap
+
+
+def broker_ready(bootstrap: str, timeout_s: float = 1.0) -> bool:
+    host, port = bootstrap.split(",")[0].rsplit(":", 1)
+    # A plain TCP probe first: librdkafka logs every refused connection while it retries.
+    with socket.create_connection((host, int(port)), timeout=timeout_s):
+        pass
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
+    return bool(admin.list_topics(timeout=timeout_s).brokers)
+
+
+def create_topics(bootstrap: str, topics: list[TopicSpec], timeout_s: float = 30.0) -> None:
+    """Creates the topics that do not exist yet (idempotent)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    new = [
+        NewTopic(t.name, num_partitions=t.partitions, replication_factor=1)
+        for t in topics
+        if t.name not in existing
+    ]
+    if not new:
+        return
+    for name, future in admin.create_topics(new, operation_timeout=timeout_s).items():
+        try:
+            future.result(timeout_s)
+        except Exception as error:
+            if "TOPIC_ALREADY_EXISTS" not in str(error):
+                raise RuntimeError(f"could not create topic {name}: {error}") from None
+
+
+def group_members(bootstrap: str, group_id: str, timeout_s: float = 5.0) -> int:
+    """How many consumers hold partitions in a stable consumer group (0 while rebalancing)."""
+    from confluent_kafka import ConsumerGroupState
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
+    description = admin.describe_consumer_groups([group_id], request_timeout=timeout_s)[group_id]
+    group = description.result(timeout_s)
+    return len(group.members) if group.state == ConsumerGroupState.STABLE else 0

@@ -1,0 +1,143 @@
+"""Triton: the CPU ``tritonserver`` from the nvidia-pytriton wheel as a local process, and
+the gRPC client the scorer and the exporter use.
+
+The server runs from its own environment (``.triton-venv``: numpy < 2, onnxruntime),
+because its Python backend cannot share Feast's numpy >= 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from camoe.settings import ROOT
+from services.exceptions import PrerequisiteError
+from services.process import free_port, start_process
+
+RUNTIME = ROOT / ".triton-venv"
+
+
+def runtime_paths(runtime: Path = RUNTIME) -> tuple[Path, Path, Path]:
+    """(site-packages, tritonserver binary, backends folder) of the Triton runtime."""
+    found = sorted(
+        runtime.glob("lib/python3*/site-packages/pytriton/tritonserver/bin/tritonserver")
+    )
+    if not found:
+        raise PrerequisiteError(
+            f"the Triton runtime is missing at {runtime}: run `make setup` to install it"
+        )
+    binary = found[-1]
+    server = binary.parent.parent
+    stub = server / "backends" / "python" / "triton_python_backend_stub"
+    if not stub.exists():
+        raise PrerequisiteError(
+            f"Triton's Python backend stub is missing at {stub}: run `make setup`"
+        )
+    return server.parent.parent, binary, server / "backends"
+
+
+def start_server(
+    model_repo: Path, log_path: Path, timeout_s: float, load: list[str]
+) -> tuple[int, str, str]:
+    """Starts tritonserver in explicit model-control mode; returns (pid, grpc, http)."""
+    site_packages, binary, backends = runtime_paths()
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    command = [
+        str(binary),
+        f"--model-repository={model_repo}",
+        "--model-control-mode=explicit",
+        f"--backend-directory={backends}",
+        "--http-address=127.0.0.1",
+        f"--http-port={http}",
+        "--grpc-address=127.0.0.1",
+        f"--grpc-port={grpc}",
+        "--metrics-address=127.0.0.1",
+        f"--metrics-port={metrics}",
+        "--exit-on-error=false",  # a model that fails to load must not take the server down
+        "--log-verbose=0",
+        *[f"--load-model={name}" for name in load],
+    ]
+    env = {
+        # The wheel's bundled libraries, and libpython for the Python-backend stub.
+        "LD_LIBRARY_PATH": os.pathsep.join(
+            [str(site_packages / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR")]
+        ),
+        "CAMOE_TRITON_PYTHONPATH": str(site_packages),
+    }
+    grpc_url = f"127.0.0.1:{grpc}"
+    pid = start_process(
+        "triton",
+        command,
+        log_path,
+        healthy=lambda: TritonClient(grpc_url).live(),
+        timeout_s=timeout_s,
+        env=env,
+    )
+    return pid, grpc_url, f"127.0.0.1:{http}"
+
+
+class TritonClient:
+    """gRPC client for one model: inference, explicit loads, version queries.
+
+    Args:
+        url: Triton's gRPC address, host:port.
+        model: model name in the repository.
+        timeout_s: per-call timeout.
+    """
+
+    def __init__(self, url: str, model: str = "camoe", timeout_s: float = 5.0) -> None:
+        self.url = url
+        self.model = model
+        self.timeout_s = timeout_s
+        self._client = grpcclient.InferenceServerClient(url)
+
+    def live(self) -> bool:
+        return bool(self._client.is_server_live(client_timeout=1.0))
+
+    def load(self) -> None:
+        """Loads (or reloads) the model: Triton re-reads its versions per version_policy."""
+        self._client.load_model(self.model, client_timeout=120.0)
+
+    def ready_versions(self) -> list[int]:
+        index = self._client.get_model_repository_index(as_json=True).get("models", [])
+        return sorted(
+            int(m["version"])
+            for m in index
+            if m.get("name") == self.model and m.get("state") == "READY" and m.get("version")
+        )
+
+    def infer(
+        self,
+        categorical: np.ndarray,
+        numeric: np.ndarray,
+        fmt: np.ndarray,
+        version: int | None = None,
+    ) -> tuple[np.ndarray, str]:
+        """pCTR (B,) float32 for a batch, and the version that produced it."""
+        inputs = [
+            grpcclient.InferInput("categorical", list(categorical.shape), "INT64"),
+            grpcclient.InferInput("numeric", list(numeric.shape), "FP32"),
+            grpcclient.InferInput("format", [len(fmt), 1], "INT64"),
+        ]
+        inputs[0].set_data_from_numpy(categorical)
+        inputs[1].set_data_from_numpy(numeric)
+        inputs[2].set_data_from_numpy(fmt.reshape(-1, 1).astype(np.int64))
+        result = self._client.infer(
+            self.model,
+            inputs,
+            model_version=str(version or ""),
+            outputs=[grpcclient.InferRequestedOutput("pctr")],
+            client_timeout=self.timeout_s,
+        )
+        return result.as_numpy("pctr").reshape(-1), result.get_response().model_version
+
+    def close(self) -> None:
+        self._client.close()
+
+
+__all__ = ["InferenceServerException", "TritonClient", "start_server"]

@@ -1,0 +1,239 @@
+"""A Spotify-like ad traffic simulator with a documented generative model.
+
+World (fixed by ``seed``):
+  * users: age bucket, country, premium flag, activity ~ LogNormal(0, 0.5), and a taste
+    vector ``u ~ N(0, I_d)``;
+  * campaigns: an advertiser category each; ads: a campaign, a format drawn from
+    ``format_shares`` (audio dominates), a quality ``q ~ N(0, 0.5)`` and a vector
+    ``a ~ N(0, I_d)``.
+Requests: a user (Zipf-like popularity), a context (content type, foreground with
+probability ``foreground_share``, device, hour, placement) and
+``candidates_per_request`` ads.
+
+Click probability of ad ``a`` shown to user ``u`` in context ``c``:
+
+    logit p = logit(base_ctr[format]) + log(foreground_lift) * (fg - foreground_share)
+              + affinity_strength * <u, a> / sqrt(d) + q
+              + cross_strength * cross(format, u, c) + drift(t)
+
+where ``cross`` is a format-specific interaction (audio: podcast listeners in older age
+buckets; video: premium users on a visible screen; display: desktop listeners) that a
+model must learn per format, and ``drift`` slowly rotates the taste vectors with time.
+Clicks come after a log-normal delay (median ``click_delay_median_s``, long tail).
+
+The true probability is available for analysis (``true_ctr``), never used for training.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from camoe.features import (
+    AFFINITY_DIM,
+    CONTENT_TYPES,
+    DEVICES,
+    FORMATS,
+    N_AGE_BUCKETS,
+    N_CATEGORIES,
+    N_COUNTRIES,
+    FeatureLayout,
+)
+from camoe.settings import SimulatorSettings
+
+PLACEMENTS_BY_FORMAT = {
+    "audio": ["audio_midroll", "audio_preroll", "podcast_host_read"],
+    "video": ["video_takeover", "video_midroll"],
+    "display": ["display_leavebehind", "display_homepage", "display_nowplaying"],
+}
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+@dataclass
+class Impression:
+    """What the simulator remembers of a served ad, to answer with a click or not."""
+
+    request_id: str
+    user_id: str
+    ad_id: str
+    probability: float
+
+
+class World:
+    """Users, campaigns and ads, plus the click model. Deterministic for a seed."""
+
+    def __init__(self, settings: SimulatorSettings) -> None:
+        if AFFINITY_DIM != settings.affinity_dim:
+            raise ValueError(f"simulator.affinity_dim must be {AFFINITY_DIM} (the feature layout)")
+        self.settings = settings
+        rng = np.random.default_rng(settings.seed)
+        n_u, n_a, d = settings.n_users, settings.n_ads, settings.affinity_dim
+        self.user_ids = [f"u{i}" for i in range(n_u)]
+        self.users = pd.DataFrame(
+            {
+                "user_id": self.user_ids,
+                "age_bucket": rng.integers(1, N_AGE_BUCKETS + 1, n_u),
+                "country": rng.integers(1, N_COUNTRIES + 1, n_u),
+                "premium": rng.choice([1, 2], n_u, p=[0.6, 0.4]),
+                "activity": rng.lognormal(0.0, 0.5, n_u).astype(np.float32),
+            }
+        )
+        self.user_vectors = rng.normal(size=(n_u, d)).astype(np.float32)
+        for i in range(d):
+            self.users[f"affinity_{i}"] = self.user_vectors[:, i]
+        self.user_popularity = 1.0 / np.arange(1, n_u + 1) ** 0.6
+        self.user_popularity /= self.user_popularity.sum()
+
+        campaign_category = rng.integers(1, N_CATEGORIES + 1, settings.n_campaigns)
+        shares = np.array([settings.format_shares[f] for f in FORMATS])
+        self.ad_ids = [f"a{i}" for i in range(n_a)]
+        self.ad_format = rng.choice(len(FORMATS), n_a, p=shares / shares.sum())
+        campaign_index = rng.integers(1, settings.n_campaigns + 1, n_a)
+        self.ads = pd.DataFrame(
+            {
+                "ad_id": self.ad_ids,
+                "campaign_index": campaign_index,
+                "category": campaign_category[campaign_index - 1],
+                "quality": rng.normal(0, 0.5, n_a).astype(np.float32),
+            }
+        )
+        self.ad_vectors = rng.normal(size=(n_a, d)).astype(np.float32)
+        for i in range(d):
+            self.ads[f"ad_affinity_{i}"] = self.ad_vectors[:, i]
+        self.ads_by_format = {f: np.flatnonzero(self.ad_format == k) for k, f in enumerate(FORMATS)}
+        self.layout = FeatureLayout(settings.n_campaigns)
+        self._user_row = {u: i for i, u in enumerate(self.user_ids)}
+        self._ad_row = {a: i for i, a in enumerate(self.ad_ids)}
+        self._user_dicts = self.users.set_index("user_id").to_dict("index")
+        self._ad_dicts = self.ads.set_index("ad_id").to_dict("index")
+
+    # --- requests ------------------------------------------------------------------
+
+    def request(self, rng: np.random.Generator, event_time_ms: int) -> dict[str, Any]:
+        s = self.settings
+        user = self.user_ids[rng.choice(len(self.user_ids), p=self.user_popularity)]
+        shares = np.array([s.format_shares[f] for f in FORMATS])
+        formats = rng.choice(len(FORMATS), s.candidates_per_request, p=shares / shares.sum())
+        slot_format = FORMATS[formats[0]]
+        candidates = []
+        for k in formats:
+            pool = self.ads_by_format[FORMATS[k]]
+            ad = int(pool[rng.integers(len(pool))])
+            candidates.append(
+                {
+                    "ad_id": self.ad_ids[ad],
+                    "format": FORMATS[k],
+                    "campaign_id": f"c{int(self.ads.campaign_index[ad])}",
+                    "bid": float(np.round(rng.lognormal(0.0, 0.3), 4)),
+                }
+            )
+        return {
+            "request_id": uuid.uuid4().hex,
+            "user_id": user,
+            "event_time": event_time_ms,
+            "context": {
+                "content_type": str(rng.choice(CONTENT_TYPES, p=[0.6, 0.3, 0.1])),
+                "foreground": bool(rng.random() < s.foreground_share),
+                "device": str(rng.choice(DEVICES, p=[0.6, 0.2, 0.1, 0.1])),
+                "hour": int(rng.integers(0, 24)),
+                "placement": str(rng.choice(PLACEMENTS_BY_FORMAT[slot_format])),
+            },
+            "candidates": candidates,
+        }
+
+    def true_ctr(self, request: dict[str, Any], ad_id: str, hours: float = 0.0) -> float:
+        """The click probability the simulator draws from (for analysis only)."""
+        s = self.settings
+        ctx = request["context"]
+        a = self._ad_row[ad_id]
+        fmt = FORMATS[self.ad_format[a]]
+        u_row = self._user_row.get(request["user_id"])
+        logit = _logit(min(s.base_ctr[fmt] * s.click_boost, 0.5))
+        logit += math.log(s.foreground_lift) * (float(ctx["foreground"]) - s.foreground_share)
+        logit += float(self.ads.quality.iat[a])
+        if u_row is not None:
+            u = self.user_vectors[u_row]
+            angle = s.drift_per_hour * hours  # drift: rotate taste in the first two axes
+            if angle:
+                c, sn = math.cos(angle), math.sin(angle)
+                u = u.copy()
+                u[0], u[1] = c * u[0] - sn * u[1], sn * u[0] + c * u[1]
+            logit += s.affinity_strength * float(u @ self.ad_vectors[a]) / math.sqrt(len(u))
+            user = self.users.iloc[u_row]
+            if fmt == "audio":
+                cross = (ctx["content_type"] == "podcast") * (user.age_bucket - 3.5) / 2.5
+            elif fmt == "video":
+                cross = 1.5 * ((user.premium == 2) and ctx["foreground"]) - 0.5
+            else:
+                cross = 1.0 * (ctx["device"] == "desktop") - 0.2
+            logit += s.cross_strength * float(cross)
+        return 1.0 / (1.0 + math.exp(-logit))
+
+    def click_delay_s(self, rng: np.random.Generator) -> float:
+        s = self.settings
+        return float(rng.lognormal(math.log(s.click_delay_median_s), s.click_delay_sigma))
+
+    def features(self, user_id: str, ad_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The profile values Feast serves for this user and ad (empty when unknown)."""
+        return self._user_dicts.get(user_id, {}), self._ad_dicts.get(ad_id, {})
+
+    # --- history for offline training and Feast ------------------------------------------
+
+    def history(self, n_requests: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Simulated served impressions (one per request, a random candidate shown)."""
+        rng = np.random.default_rng(self.settings.seed * 1000 + seed)
+        categorical, numeric, fmt, label, true_p = [], [], [], [], []
+        start = int(time.time() * 1000)
+        for i in range(n_requests):
+            request = self.request(rng, start + i)
+            candidate = request["candidates"][int(rng.integers(len(request["candidates"])))]
+            user, ad = self.features(request["user_id"], candidate["ad_id"])
+            cat, num, _ = self.layout.row(request["context"], candidate, user, ad)
+            p = self.true_ctr(request, candidate["ad_id"])
+            categorical.append(cat)
+            numeric.append(num)
+            fmt.append(FORMATS.index(candidate["format"]))
+            label.append(float(rng.random() < p))
+            true_p.append(p)
+        return {
+            "categorical": np.asarray(categorical, dtype=np.int64),
+            "numeric": np.asarray(numeric, dtype=np.float32),
+            "format": np.asarray(fmt, dtype=np.int64),
+            "label": np.asarray(label, dtype=np.float32),
+            "true_ctr": np.asarray(true_p, dtype=np.float32),
+        }
+
+    def write_offline_data(self, data_dir: Path) -> None:
+        """Writes the Feast offline sources (parquet) the feature views read."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        stamp = pd.Timestamp.now(tz="UTC").floor("s") - pd.Timedelta(minutes=5)
+        users = self.users.assign(event_timestamp=stamp)
+        ads = self.ads.assign(event_timestamp=stamp)
+        users.to_parquet(data_dir / "user_profiles.parquet", index=False)
+        ads.to_parquet(data_dir / "ad_profiles.parquet", index=False)
+        pd.DataFrame(
+            {
+                "user_id": self.user_ids,
+                "event_timestamp": stamp,
+                "user_impressions": np.zeros(len(self.user_ids), np.int64),
+                "user_clicks": np.zeros(len(self.user_ids), np.int64),
+            }
+        ).to_parquet(data_dir / "user_counters.parquet", index=False)
+        pd.DataFrame(
+            {
+                "ad_id": self.ad_ids,
+                "event_timestamp": stamp,
+                "ad_impressions": np.zeros(len(self.ad_ids), np.int64),
+                "ad_clicks": np.zeros(len(self.ad_ids), np.int64),
+            }
+        ).to_parquet(data_dir / "ad_counters.parquet", index=False)

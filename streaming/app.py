@@ -1,0 +1,282 @@
+"""A consume-process-produce application with an explicit delivery guarantee.
+
+Shaped like Quix Streams' ``Application``: sources (topics with their codecs) feed a
+handler in batches; what it returns goes to sinks (topics with their codecs); records
+that cannot be processed go to the dead-letter topic with their reason, and the app
+keeps going.
+
+Delivery guarantees (``guarantee``):
+
+* ``at-least-once`` (default): after each batch the app produces the outputs, waits
+  until the broker acknowledges every one, and only then commits the consumed offsets.
+  A crash between the two re-delivers the batch; outputs are keyed by request id so a
+  downstream reader can recognise the duplicates.
+* ``exactly-once``: one transactional producer per worker; the outputs and the consumed
+  offsets are committed in one Kafka transaction, and a failed batch is aborted and
+  re-read. Readers must use ``isolation.level=read_committed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from threading import Event
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from streaming.avro import AvroCodec
+from streaming.exceptions import DecodeError, DeliveryError
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTERS = AvroCodec("dead_letter")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One decoded input record and where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: dict[str, Any]
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class Output:
+    """One record for a sink topic; ``value`` is encoded with that sink's codec."""
+
+    topic: str
+    key: str | None
+    value: dict[str, Any]
+
+
+@dataclass
+class BatchResult:
+    outputs: list[Output] = field(default_factory=list)
+    dead_letters: list[tuple[Record | Message, str]] = field(default_factory=list)
+
+
+Handler = Callable[[list[Record]], BatchResult]
+# Given the batch's messages, returns the offsets it is safe to commit (stateful apps).
+CommitPolicy = Callable[[list[Record]], list[TopicPartition]]
+
+
+def next_offsets(records: list[Record]) -> list[TopicPartition]:
+    """The default commit: every consumed record is done once its outputs are acknowledged."""
+    latest: dict[tuple[str, int], int] = {}
+    for record in records:
+        key = (record.topic, record.partition)
+        latest[key] = max(latest.get(key, -1), record.offset)
+    return [TopicPartition(t, p, offset + 1) for (t, p), offset in latest.items()]
+
+
+class StreamApp:
+    """Consumes ``sources`` in batches, calls the handler, produces to ``sinks``, commits.
+
+    Args:
+        name: the consumer's name, written into dead letters.
+        bootstrap_servers: Kafka bootstrap address.
+        group_id: consumer group; workers with one group share the partitions.
+        sources: input topic -> codec.
+        sinks: output topic -> codec.
+        dead_letter_topic: where undecodable or unprocessable records go.
+        guarantee: ``at-least-once`` or ``exactly-once``.
+        batch_size: most records per ``consume`` call.
+        poll_timeout_s: how long ``consume`` waits for the first record.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        bootstrap_servers: str,
+        group_id: str,
+        sources: dict[str, Any],
+        sinks: dict[str, Any],
+        dead_letter_topic: str,
+        guarantee: str = "at-least-once",
+        batch_size: int = 500,
+        poll_timeout_s: float = 0.1,
+        consumer_config: dict[str, Any] | None = None,
+    ) -> None:
+        if guarantee not in ("at-least-once", "exactly-once"):
+            raise ValueError(f"unknown delivery guarantee {guarantee!r}")
+        self.name = name
+        self.sources = sources
+        self.sinks = sinks
+        self.dead_letter_topic = dead_letter_topic
+        self.guarantee = guarantee
+        self.batch_size = batch_size
+        self.poll_timeout_s = poll_timeout_s
+        self.counters = {"consumed": 0, "produced": 0, "dead_letters": 0, "batches": 0}
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap_servers,
+                "group.id": group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                "max.poll.interval.ms": 60_000,
+                **(consumer_config or {}),
+            }
+        )
+        producer_config: dict[str, Any] = {
+            "bootstrap.servers": bootstrap_servers,
+            "enable.idempotence": True,
+            "linger.ms": 2,
+            "acks": "all",
+        }
+        if guarantee == "exactly-once":
+            producer_config["transactional.id"] = f"{group_id}-{name}-{uuid.uuid4().hex[:12]}"
+        self._producer = Producer(producer_config)
+        self._delivery_errors: list[KafkaError] = []
+        if guarantee == "exactly-once":
+            self._producer.init_transactions(30)
+
+    # --- the loop -----------------------------------------------------------------
+
+    def run(
+        self,
+        handler: Handler,
+        stop: Event,
+        commit_policy: CommitPolicy = next_offsets,
+        max_idle_s: float | None = None,
+    ) -> None:
+        """Runs batches until ``stop`` is set (or ``max_idle_s`` passes with no input)."""
+        self._consumer.subscribe(list(self.sources))
+        last_input = time.monotonic()
+        try:
+            while not stop.is_set():
+                messages = self._consumer.consume(self.batch_size, self.poll_timeout_s)
+                records, bad = self._decode(messages)
+                if messages:
+                    last_input = time.monotonic()
+                elif max_idle_s is not None and time.monotonic() - last_input > max_idle_s:
+                    break
+                result = handler(records)
+                result.dead_letters.extend(bad)
+                if messages or result.outputs or result.dead_letters:
+                    self.checkpoint(result, commit_policy(records))
+        finally:
+            self.close()
+
+    def _decode(self, messages: list[Message]) -> tuple[list[Record], list[tuple[Message, str]]]:
+        records: list[Record] = []
+        bad: list[tuple[Message, str]] = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaException(error)
+                log.warning("%s: consumer error %s", self.name, error)
+                continue
+            self.counters["consumed"] += 1
+            try:
+                value = self.sources[message.topic()].decode(message.value())
+            except DecodeError as reason:
+                bad.append((message, str(reason)))
+                continue
+            records.append(
+                Record(
+                    message.topic(),
+                    message.partition(),
+                    message.offset(),
+                    message.key(),
+                    value,
+                    message.value(),
+                )
+            )
+        return records, bad
+
+    def checkpoint(self, result: BatchResult, offsets: list[TopicPartition]) -> None:
+        """Makes one batch durable.
+
+        1. begin a transaction (exactly-once);
+        2. produce the outputs and the dead letters;
+        3. at-least-once: flush and check that every record was acknowledged, then
+           commit the offsets; exactly-once: send the offsets to the transaction and
+           commit it (abort on failure, so the batch is re-read).
+        """
+        # 1. begin
+        if self.guarantee == "exactly-once":
+            self._producer.begin_transaction()
+        try:
+            # 2. produce
+            for output in result.outputs:
+                self.produce(output)
+            for source, reason in result.dead_letters:
+                self._produce_dead_letter(source, reason)
+            # 3. acknowledge, then commit
+            if self.guarantee == "exactly-once":
+                if offsets:
+                    self._producer.send_offsets_to_transaction(
+                        offsets, self._consumer.consumer_group_metadata(), 30
+                    )
+                self._producer.commit_transaction(30)
+            else:
+                self.flush()
+                if offsets:
+                    self._consumer.commit(offsets=offsets, asynchronous=False)
+        except Exception:
+            if self.guarantee == "exactly-once":
+                self._producer.abort_transaction(30)
+            raise
+        self.counters["batches"] += 1
+
+    def produce(self, output: Output) -> None:
+        data = self.sinks[output.topic].encode(output.value)
+        self._produce_raw(output.topic, output.key, data)
+        self.counters["produced"] += 1
+
+    def _produce_raw(self, topic: str, key: str | bytes | None, value: bytes) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                return
+            except BufferError:  # local queue full: let the broker catch up
+                self._producer.poll(0.05)
+
+    def _produce_dead_letter(self, source: Record | Message, reason: str) -> None:
+        if isinstance(source, Record):
+            topic, partition, offset = source.topic, source.partition, source.offset
+            key, value = source.key, source.raw
+        else:
+            topic, partition, offset = source.topic(), source.partition(), source.offset()
+            key, value = source.key(), source.value()
+        letter = {
+            "source_topic": topic,
+            "partition": partition,
+            "offset": offset,
+            "key": key,
+            "value": value,
+            "reason": reason,
+            "consumer": self.name,
+            "failed_at": int(time.time() * 1000),
+        }
+        self._produce_raw(self.dead_letter_topic, key, DEAD_LETTERS.encode(letter))
+        self.counters["dead_letters"] += 1
+        log.warning("%s: dead letter %s[%d]@%d: %s", self.name, topic, partition, offset, reason)
+
+    def _on_delivery(self, error: KafkaError | None, _message: Message) -> None:
+        if error is not None:
+            self._delivery_errors.append(error)
+
+    def flush(self) -> None:
+        remaining = self._producer.flush(30)
+        if remaining or self._delivery_errors:
+            errors, self._delivery_errors = self._delivery_errors, []
+            raise DeliveryError(
+                f"{self.name}: {remaining} records unacknowledged, errors: {errors[:3]}"
+            )
+
+    def close(self) -> None:
+        try:
+            self._producer.flush(10)
+        finally:
+            self._consumer.close()

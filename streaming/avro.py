@@ -1,0 +1,175 @@
+"""Avro codecs for every topic, with schemas kept in ``streaming/schemas/``.
+
+Without a schema registry a record is framed with Avro *single-object encoding*:
+``C3 01`` + the writer schema's CRC-64-AVRO fingerprint (8 bytes, little-endian) + the
+binary body. The fingerprint tells a reader which writer schema to resolve against, so a
+reader built for an older or newer schema reads the record as long as the change is
+compatible (for example a new field with a default).
+
+With ``kafka.schema_registry_url`` set, records use the Confluent wire format instead
+(``00`` + a 4-byte schema id), the ids being registered and looked up through
+confluent-kafka's registry client.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+from streaming.exceptions import DecodeError
+
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+SINGLE_OBJECT_MARKER = b"\xc3\x01"
+CONFLUENT_MAGIC = b"\x00"
+
+# Topic contract -> schema file. labelled_event embeds feature_log, so order matters.
+SCHEMA_FILES = {
+    "ad_request": "ad_request.avsc",
+    "ad_scores": "ad_scores.avsc",
+    "feature_log": "feature_log.avsc",
+    "ad_click": "ad_click.avsc",
+    "labelled_event": "labelled_event.avsc",
+    "model_update": "model_update.avsc",
+    "dead_letter": "dead_letter.avsc",
+}
+
+
+def _inline_named(node: Any, named: dict[str, Any]) -> Any:
+    """Replaces references to named records defined in other files by their definition."""
+    if isinstance(node, str) and node in named:
+        return named[node]
+    if isinstance(node, list):
+        return [_inline_named(item, named) for item in node]
+    if isinstance(node, dict):
+        return {key: _inline_named(value, named) for key, value in node.items()}
+    return node
+
+
+@cache
+def schema_json(name: str) -> dict[str, Any]:
+    """The schema of one topic contract as JSON, other files' records inlined."""
+    if name not in SCHEMA_FILES:
+        raise KeyError(f"no schema named {name!r}; known: {', '.join(SCHEMA_FILES)}")
+    named = {"camoe.FeatureLogRow": schema_json("feature_log")} if name == "labelled_event" else {}
+    return _inline_named(json.loads((SCHEMA_DIR / SCHEMA_FILES[name]).read_text()), named)
+
+
+class SchemaStore:
+    """Every writer schema this process can read, by single-object fingerprint.
+
+    Holds the repository's current schemas; ``register`` adds other versions (older
+    writers still on the topic, or newer ones a reader meets before its upgrade).
+    """
+
+    def __init__(self) -> None:
+        self._by_fingerprint: dict[bytes, dict[str, Any]] = {}
+        for name in SCHEMA_FILES:
+            self.register(schema_json(name))
+
+    def register(self, schema: dict[str, Any]) -> bytes:
+        parsed = parse_schema(schema, _write_hint=False)
+        # The fingerprint is of the canonical form, so it is a little-endian CRC-64 per spec.
+        key = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
+        self._by_fingerprint[key] = parsed
+        return key
+
+    def writer_schema(self, fp: bytes) -> dict[str, Any]:
+        try:
+            return self._by_fingerprint[fp]
+        except KeyError:
+            raise DecodeError(
+                f"unknown writer schema (fingerprint {fp.hex()}): register it or upgrade"
+            ) from None
+
+
+_STORE = SchemaStore()
+
+
+class AvroCodec:
+    """Encodes and decodes one topic's records with single-object encoding.
+
+    Example::
+
+        codec = AvroCodec("ad_click")
+        data = codec.encode({"request_id": "r1", "ad_id": "a1", "user_id": "u1",
+                             "event_time": 0})
+        assert codec.decode(data)["ad_id"] == "a1"
+    """
+
+    def __init__(
+        self,
+        name: str,
+        schema: dict[str, Any] | None = None,
+        store: SchemaStore = _STORE,
+    ) -> None:
+        self.name = name
+        self._schema = parse_schema(schema or schema_json(name), _write_hint=False)
+        self._store = store
+        self._fingerprint = store.register(self._schema)
+        self._header = SINGLE_OBJECT_MARKER + self._fingerprint
+
+    def encode(self, record: dict[str, Any]) -> bytes:
+        buffer = io.BytesIO()
+        buffer.write(self._header)
+        try:
+            schemaless_writer(buffer, self._schema, record)
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            raise ValueError(f"{self.name}: record does not match its schema: {error}") from None
+        return buffer.getvalue()
+
+    def decode(self, data: bytes | None) -> dict[str, Any]:
+        if not data or len(data) < 10 or data[:2] != SINGLE_OBJECT_MARKER:
+            raise DecodeError(f"{self.name}: not an Avro single-object encoded record")
+        writer = self._store.writer_schema(bytes(data[2:10]))
+        try:
+            return schemaless_reader(io.BytesIO(data[10:]), writer, self._schema)
+        except Exception as error:  # fastavro raises many types for corrupt bodies
+            raise DecodeError(f"{self.name}: corrupt Avro body: {error}") from None
+
+
+class ConfluentAvroCodec:
+    """Confluent wire format (magic byte + schema id) against a schema registry."""
+
+    def __init__(self, name: str, registry_url: str, subject: str) -> None:
+        from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
+        self.name = name
+        self._client = SchemaRegistryClient({"url": registry_url})
+        self._json = schema_json(name)
+        self._schema = parse_schema(self._json, _write_hint=False)
+        self._schema_id = self._client.register_schema(
+            subject, Schema(json.dumps(self._json), "AVRO")
+        )
+        self._writers: dict[int, dict[str, Any]] = {self._schema_id: self._schema}
+
+    def encode(self, record: dict[str, Any]) -> bytes:
+        buffer = io.BytesIO()
+        buffer.write(CONFLUENT_MAGIC + struct.pack(">I", self._schema_id))
+        schemaless_writer(buffer, self._schema, record)
+        return buffer.getvalue()
+
+    def decode(self, data: bytes | None) -> dict[str, Any]:
+        if not data or len(data) < 5 or data[:1] != CONFLUENT_MAGIC:
+            raise DecodeError(f"{self.name}: not a Confluent wire-format record")
+        schema_id = struct.unpack(">I", data[1:5])[0]
+        if schema_id not in self._writers:
+            fetched = self._client.get_schema(schema_id)
+            self._writers[schema_id] = parse_schema(json.loads(fetched.schema_str))
+        try:
+            return schemaless_reader(io.BytesIO(data[5:]), self._writers[schema_id], self._schema)
+        except Exception as error:
+            raise DecodeError(f"{self.name}: corrupt Avro body: {error}") from None
+
+
+def codec_for(name: str, registry_url: str | None = None, topic: str | None = None) -> Any:
+    """The codec the settings call for: single-object encoding, or Confluent's with a registry."""
+    if registry_url:
+        return ConfluentAvroCodec(name, registry_url, subject=f"{topic or name}-value")
+    return AvroCodec(name)

@@ -1,0 +1,141 @@
+"""Small torch building blocks of CAMoE and its baselines."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CrossNet(nn.Module):
+    r"""DCN-v2 cross network (Wang et al. 2021, https://arxiv.org/abs/2008.13535).
+
+    .. math:: x_{l+1} = x_0 \odot (W_l x_l + b_l) + x_l
+
+    Args:
+        in_features: width of the input.
+        num_layers: number of cross layers.
+
+    Example::
+
+        cross = CrossNet(in_features=16, num_layers=2)
+        y = cross(torch.randn(8, 16))  # (8, 16)
+
+    Shapes: input (B, N) -> output (B, N).
+    """
+
+    def __init__(self, in_features: int, num_layers: int) -> None:
+        super().__init__()
+        self._layers = nn.ModuleList(nn.Linear(in_features, in_features) for _ in range(num_layers))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0  # (B, N)
+        for layer in self._layers:
+            x = x0 * layer(x) + x  # (B, N)
+        return x
+
+
+class MLP(nn.Module):
+    """Linear + ReLU layers.
+
+    Args:
+        in_features: width of the input.
+        layer_sizes: width of each layer; the last is the output width.
+
+    Example::
+
+        mlp = MLP(16, [32, 8])
+        y = mlp(torch.randn(4, 16))  # (4, 8)
+
+    Shapes: input (B, N) -> output (B, layer_sizes[-1]).
+    """
+
+    def __init__(self, in_features: int, layer_sizes: list[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width in layer_sizes:
+            layers += [nn.Linear(in_features, width), nn.ReLU()]
+            in_features = width
+        self._net = nn.Sequential(*layers)
+        self.out_features = in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._net(x)
+
+
+class Expert(nn.Module):
+    """A CAMoE expert: a DCN-v2 cross block followed by an MLP (cross block optional,
+    for the "without DCN" ablation).
+
+    Shapes: input (B, N) -> output (B, hidden[-1]).
+
+    Example::
+
+        expert = Expert(16, cross_layers=2, hidden=[32, 8])
+        y = expert(torch.randn(4, 16))  # (4, 8)
+    """
+
+    def __init__(self, in_features: int, cross_layers: int, hidden: list[int]) -> None:
+        super().__init__()
+        self._cross = CrossNet(in_features, cross_layers) if cross_layers > 0 else nn.Identity()
+        self._mlp = MLP(in_features, hidden)
+        self.out_features = self._mlp.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mlp(self._cross(x))
+
+
+class Gate(nn.Module):
+    """Softmax gate that mixes expert outputs for one task.
+
+    Shapes: x (B, N), experts (B, E, H) -> (B, H).
+
+    Example::
+
+        gate = Gate(16, num_experts=3)
+        y = gate(torch.randn(4, 16), torch.randn(4, 3, 8))  # (4, 8)
+    """
+
+    def __init__(self, in_features: int, num_experts: int) -> None:
+        super().__init__()
+        self._logits = nn.Linear(in_features, num_experts)
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(self._logits(x), dim=-1).unsqueeze(-1)  # (B, E, 1)
+        return (weights * experts).sum(dim=1)  # (B, H)
+
+
+class InputEncoder(nn.Module):
+    """Embeds categorical features and standardises numeric ones.
+
+    Categorical indices outside ``[0, cardinality)`` map to 0, the documented "unknown"
+    index, so a stray value never crashes serving. Numeric features are standardised
+    with statistics fitted once (``fit``) and stored as buffers, so the exported model
+    carries them.
+
+    Args:
+        cardinalities: size of each categorical vocabulary (index 0 = unknown).
+        n_numeric: number of numeric features.
+        embedding_dim: width of each embedding.
+
+    Shapes: categorical (B, C) int64, numeric (B, N) float32 -> (B, C * D + N).
+    """
+
+    def __init__(self, cardinalities: list[int], n_numeric: int, embedding_dim: int) -> None:
+        super().__init__()
+        self._embeddings = nn.ModuleList(nn.Embedding(c, embedding_dim) for c in cardinalities)
+        self.register_buffer("_cardinality", torch.tensor(cardinalities, dtype=torch.int64))
+        self.register_buffer("_mean", torch.zeros(n_numeric))
+        self.register_buffer("_std", torch.ones(n_numeric))
+        self.out_features = len(cardinalities) * embedding_dim + n_numeric
+
+    @torch.no_grad()
+    def fit(self, numeric: torch.Tensor) -> None:
+        self._mean.copy_(numeric.mean(dim=0))
+        self._std.copy_(numeric.std(dim=0).clamp_min(1e-6))
+
+    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        known = (categorical >= 0) & (categorical < self._cardinality)  # (B, C)
+        categorical = torch.where(known, categorical, torch.zeros_like(categorical))
+        embedded = [emb(categorical[:, i]) for i, emb in enumerate(self._embeddings)]  # C x (B, D)
+        scaled = (numeric - self._mean) / self._std  # (B, N)
+        return torch.cat([*embedded, scaled], dim=1)

@@ -1,0 +1,172 @@
+"""Training: the offline fit that makes version 1, and the incremental trainer that keeps
+learning from labelled-events and publishes new versions.
+
+Incremental trainer delivery guarantee: at-least-once. Offsets of labelled events are
+committed after the batch is trained on and any model update is acknowledged; a crash
+re-trains at most the uncommitted batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from camoe.features import FORMATS
+from camoe.settings import Settings
+from streaming.app import BatchResult, Output, Record
+from trainer.export import Publisher, PublishError
+from trainer.model import CAMoE, masked_bce, validate_batch
+
+log = logging.getLogger(__name__)
+
+
+def to_tensors(
+    categorical: np.ndarray, numeric: np.ndarray, fmt: np.ndarray, labels: np.ndarray
+) -> tuple[torch.Tensor, ...]:
+    tensors = (
+        torch.as_tensor(categorical, dtype=torch.int64),
+        torch.as_tensor(numeric, dtype=torch.float32),
+        torch.as_tensor(fmt, dtype=torch.int64),
+        torch.as_tensor(labels, dtype=torch.float32),
+    )
+    validate_batch(tensors[0], tensors[1], tensors[2], len(FORMATS))
+    return tensors
+
+
+def fit(
+    model: CAMoE,
+    data: dict[str, np.ndarray],
+    epochs: int = 2,
+    batch_size: int = 256,
+    learning_rate: float = 3e-3,
+    seed: int = 0,
+) -> list[float]:
+    """Fits the model offline on simulated history; returns the loss per epoch.
+
+    The numeric standardisation is fitted on this data first and then frozen.
+    """
+    categorical, numeric, fmt, labels = to_tensors(
+        data["categorical"], data["numeric"], data["format"], data["label"]
+    )
+    model.encoder.fit(numeric)
+    optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            loss = masked_bce(model(categorical[index], numeric[index]), labels[index], fmt[index])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += float(loss) * len(index)
+        losses.append(total / len(order))
+        log.info("offline fit epoch %d/%d: loss %.4f", epoch + 1, epochs, losses[-1])
+    model.eval()
+    return losses
+
+
+def save_model(model: CAMoE, path: Path) -> None:
+    """Saves weights atomically (write, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(model.state_dict(), partial)
+    partial.replace(path)
+
+
+class IncrementalTrainer:
+    """Handler for a StreamApp over labelled-events: train on each batch, publish on cadence.
+
+    Args:
+        settings: the system's settings.
+        model: the model to keep training (already fitted once).
+        publisher: writes versions into the model repository and loads them.
+        model_updates_topic: where each served version is announced.
+        checkpoint: where the published model's weights are saved, to resume from.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        model: CAMoE,
+        publisher: Publisher,
+        model_updates_topic: str,
+        checkpoint: Path,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.settings = settings
+        self.model = model
+        self.publisher = publisher
+        self.topic = model_updates_topic
+        self.optimiser = torch.optim.Adam(model.parameters(), lr=settings.trainer.learning_rate)
+        self.examples = 0
+        self.since_publish = 0
+        self.versions: list[int] = []
+        self._last_batch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def __call__(self, records: list[Record]) -> BatchResult:
+        result = BatchResult()
+        rows: list[dict[str, Any]] = []
+        for record in records:
+            impression = record.value["impression"]
+            if impression["feature_service"] != self.settings.feast.feature_service:
+                result.dead_letters.append((record, "feature layout differs from the model's"))
+                continue
+            rows.append(record.value)
+        if rows:
+            self._train(rows)
+        if self.since_publish >= self.settings.trainer.publish_every_examples:
+            update = self._publish()
+            if update is not None:
+                result.outputs.append(update)
+        return result
+
+    def _train(self, rows: list[dict[str, Any]]) -> None:
+        categorical = np.asarray([r["impression"]["categorical"] for r in rows], dtype=np.int64)
+        numeric = np.asarray([r["impression"]["numeric"] for r in rows], dtype=np.float32)
+        fmt = np.asarray([FORMATS.index(r["impression"]["format"]) for r in rows], dtype=np.int64)
+        labels = np.asarray([r["label"] for r in rows], dtype=np.float32)
+        tensors = to_tensors(categorical, numeric, fmt, labels)
+        self.model.train()
+        batch = self.settings.trainer.batch_size
+        for start in range(0, len(rows), batch):
+            c, n, f, y = (t[start : start + batch] for t in tensors)
+            loss = masked_bce(self.model(c, n), y, f)
+            self.optimiser.zero_grad()
+            loss.backward()
+            self.optimiser.step()
+        self.model.eval()
+        self.examples += len(rows)
+        self.since_publish += len(rows)
+        self._last_batch = (categorical[:64], numeric[:64], fmt[:64])
+
+    def _publish(self) -> Output | None:
+        assert self._last_batch is not None  # set by the training step that got us here
+        try:
+            version = self.publisher.publish(self.model, self._last_batch)
+        except PublishError as error:
+            log.error("%s", error)
+            return None
+        save_model(self.model, self.checkpoint)
+        self.since_publish = 0
+        self.versions.append(version)
+        log.info("published version %d after %d examples", version, self.examples)
+        return Output(
+            self.topic,
+            str(version),
+            {
+                "model_name": self.settings.triton.model_name,
+                "version": version,
+                "published_at": int(time.time() * 1000),
+                "examples_trained": self.examples,
+                "metrics": {},
+            },
+        )
