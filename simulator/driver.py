@@ -174,4 +174,5 @@ class TrafficDriver:
 
     def close(self) -> None:
         self._producer.flush(10)
+        self._producer.close()
         self._consumer.close()

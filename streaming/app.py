@@ -149,15 +149,25 @@ class StreamApp:
         max_idle_s: float | None = None,
     ) -> None:
         """Runs batches until ``stop`` is set (or ``max_idle_s`` passes with no input)."""
-        self._consumer.subscribe(list(self.sources))
-        last_input = time.monotonic()
+        last_input: float | None = None  # idle time counts from the first assignment
+
+        def on_assign(_consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            nonlocal last_input
+            last_input = time.monotonic()
+            log.info("%s: assigned %d partitions", self.name, len(partitions))
+
+        self._consumer.subscribe(list(self.sources), on_assign=on_assign)
         try:
             while not stop.is_set():
                 messages = self._consumer.consume(self.batch_size, self.poll_timeout_s)
                 records, bad = self._decode(messages)
                 if messages:
                     last_input = time.monotonic()
-                elif max_idle_s is not None and time.monotonic() - last_input > max_idle_s:
+                elif (
+                    max_idle_s is not None
+                    and last_input is not None
+                    and time.monotonic() - last_input > max_idle_s
+                ):
                     break
                 result = handler(records)
                 result.dead_letters.extend(bad)
@@ -278,5 +288,6 @@ class StreamApp:
     def close(self) -> None:
         try:
             self._producer.flush(10)
+            self._producer.close()
         finally:
             self._consumer.close()

@@ -67,7 +67,7 @@ def fit(
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(index)
+            total += loss.item() * len(index)
         losses.append(total / len(order))
         log.info("offline fit epoch %d/%d: loss %.4f", epoch + 1, epochs, losses[-1])
     model.eval()

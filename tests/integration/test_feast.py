@@ -1,0 +1,39 @@
+"""Features materialised through Feast, read back from SQLite and from Redis."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from camoe.feature_store import OnlineFeatures, apply_and_materialize, counter_pusher, open_store
+from camoe.settings import FeastSettings
+from simulator.traffic import World
+
+
+@pytest.mark.parametrize("online_store", ["sqlite", "redis"])
+def test_materialised_features_read_back(services, tmp_path, online_store):
+    settings, endpoints = services
+    repo = tmp_path / "feature_repo"
+    shutil.copytree(settings.feast.repo_path, repo, ignore=shutil.ignore_patterns("data"))
+    world = World(settings.simulator)
+    world.write_offline_data(repo / "data")
+    store = open_store(FeastSettings(repo_path=repo, online_store=online_store), endpoints.redis)
+    apply_and_materialize(store)
+    features = OnlineFeatures(store, settings.feast.feature_service)
+
+    pairs = [("u1", "a3"), ("u42", "a7"), ("nobody", "a1")]
+    rows = features.read(pairs)
+    for (user_id, ad_id), (user, ad) in zip(pairs, rows, strict=True):
+        expected_user, expected_ad = world.features(user_id, ad_id)
+        assert set(expected_user) <= set(user)
+        for name, value in {**expected_user, **expected_ad}.items():
+            got = user[name] if name in expected_user else ad[name]
+            assert got == pytest.approx(value, rel=1e-6), name
+    assert rows[2][0] == {}  # unknown user: empty, so the scorer flags it
+    assert rows[0][0]["user_impressions"] == 0
+
+    counter_pusher(store)({"u1": [5, 2]}, {"a3": [9, 1]})
+    user, ad = features.read([("u1", "a3")])[0]
+    assert (user["user_impressions"], user["user_clicks"]) == (5, 2)
+    assert (ad["ad_impressions"], ad["ad_clicks"]) == (9, 1)

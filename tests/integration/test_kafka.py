@@ -1,0 +1,94 @@
+"""Produce and consume through the real broker, with the StreamApp's guarantees."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from threading import Event
+
+from confluent_kafka import Consumer, Producer
+
+from camoe.settings import TopicSpec
+from services.kafka import create_topics
+from streaming.app import BatchResult, Output, StreamApp
+from streaming.avro import AvroCodec
+
+CLICKS = AvroCodec("ad_click")
+LETTERS = AvroCodec("dead_letter")
+
+
+def read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 20.0) -> list[bytes]:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": uuid.uuid4().hex,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }
+    )
+    consumer.subscribe([topic])
+    values: list[bytes] = []
+    deadline = time.monotonic() + timeout_s
+    while len(values) < expected and time.monotonic() < deadline:
+        values += [m.value() for m in consumer.consume(500, 0.5) if m.error() is None]
+    consumer.close()
+    return values
+
+
+def test_passthrough_app_delivers_everything_and_dead_letters_garbage(services):
+    settings, endpoints = services
+    suffix = uuid.uuid4().hex[:8]
+    source, sink, dlq = f"in-{suffix}", f"out-{suffix}", f"dlq-{suffix}"
+    create_topics(
+        endpoints.kafka,
+        [TopicSpec(name=source, partitions=3), TopicSpec(name=sink), TopicSpec(name=dlq)],
+    )
+    producer = Producer({"bootstrap.servers": endpoints.kafka})
+    n = 2_000
+    for i in range(n):
+        click = {"request_id": f"r{i}", "ad_id": "a1", "user_id": "u1", "event_time": i}
+        producer.produce(source, key=f"r{i}", value=CLICKS.encode(click))
+    for garbage in (b"", b"not avro", b"\xc3\x01" + b"\x00" * 8 + b"x"):
+        producer.produce(source, key=b"bad", value=garbage)
+    assert producer.flush(10) == 0
+
+    app = StreamApp(
+        "passthrough",
+        endpoints.kafka,
+        f"g-{suffix}",
+        {source: CLICKS},
+        {sink: CLICKS},
+        dlq,
+        batch_size=500,
+        poll_timeout_s=0.2,
+    )
+
+    def handler(records):
+        return BatchResult(outputs=[Output(sink, r.value["request_id"], r.value) for r in records])
+
+    app.run(handler, Event(), max_idle_s=3.0)
+
+    out = {CLICKS.decode(v)["request_id"] for v in read_all(endpoints.kafka, sink, n)}
+    assert out == {f"r{i}" for i in range(n)}
+    letters = [LETTERS.decode(v) for v in read_all(endpoints.kafka, dlq, 3)]
+    assert len(letters) == 3
+    assert all(letter["source_topic"] == source and letter["reason"] for letter in letters)
+    assert sorted(letter["value"] for letter in letters) == sorted(
+        [b"", b"not avro", b"\xc3\x01" + b"\x00" * 8 + b"x"]
+    )
+
+    # Everything consumed was committed: a new member of the group reads nothing.
+    again = StreamApp(
+        "passthrough",
+        endpoints.kafka,
+        f"g-{suffix}",
+        {source: CLICKS},
+        {sink: CLICKS},
+        dlq,
+        batch_size=500,
+        poll_timeout_s=0.2,
+    )
+    seen = []
+    again.run(lambda records: seen.extend(records) or BatchResult(), Event(), max_idle_s=3.0)
+    assert seen == []
+    assert app.counters["consumed"] == n + 3

@@ -1,0 +1,185 @@
+"""camoe/settings.py: defaults, environment, service variables and the YAML file."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from camoe.settings import ServiceUrlSource, Settings
+
+SERVICE_VARIABLES = tuple(ServiceUrlSource.VARIABLES)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch, tmp_path):
+    """No CAMOE_* or service variable from the caller, and no camoe.yaml in the cwd."""
+    for name in list(os.environ):
+        if name.startswith("CAMOE_") or name in SERVICE_VARIABLES:
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def write_config(tmp_path, data, name="config.yaml"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_service_variables_are_the_three_known_ones():
+    assert set(SERVICE_VARIABLES) == {"KAFKA_BOOTSTRAP_SERVERS", "TRITON_URL", "REDIS_URL"}
+
+
+def test_defaults():
+    s = Settings()
+    assert s.scoring.batch_size == 64
+    assert s.scoring.guarantee == "at-least-once"
+    assert s.kafka.bootstrap_servers is None
+    assert s.triton.url is None
+    assert s.redis.url is None
+    assert s.kafka.schema_registry_url is None
+    assert s.feast.online_store == "sqlite"
+    assert s.feast.feature_service == "camoe_v1"
+    assert s.labeler.attribution_window_s == 10.0
+    assert s.kafka.topics.ad_requests.name == "ad-requests"
+    assert s.kafka.topics.ad_requests.partitions == 4
+    assert s.kafka.topics.labelled_events.partitions == 1
+    assert len(s.kafka.topics.all()) == 7
+    assert s.formats == ["audio", "video", "display"]
+
+
+def test_nested_env_override(monkeypatch):
+    monkeypatch.setenv("CAMOE_SCORING__BATCH_SIZE", "256")
+    s = Settings()
+    assert s.scoring.batch_size == 256
+    assert s.scoring.group_id == "camoe-scoring"  # the rest of the section keeps its defaults
+
+
+def test_env_value_is_validated(monkeypatch):
+    monkeypatch.setenv("CAMOE_SCORING__BATCH_SIZE", "lots")
+    with pytest.raises(ValidationError, match="batch_size"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "section", "value"),
+    [
+        ("KAFKA_BOOTSTRAP_SERVERS", "kafka", "broker-1:9092,broker-2:9092"),
+        ("TRITON_URL", "triton", "triton.internal:8001"),
+        ("REDIS_URL", "redis", "redis://cache:6379/0"),
+    ],
+)
+def test_service_variables_land_on_their_section(monkeypatch, variable, section, value):
+    monkeypatch.setenv(variable, value)
+    s = Settings()
+    attribute = "bootstrap_servers" if section == "kafka" else "url"
+    assert getattr(getattr(s, section), attribute) == value
+    others = {"kafka": s.kafka.bootstrap_servers, "triton": s.triton.url, "redis": s.redis.url}
+    del others[section]
+    assert set(others.values()) == {None}
+
+
+def test_empty_service_variable_is_ignored(monkeypatch, tmp_path):
+    monkeypatch.setenv("CAMOE_CONFIG", str(write_config(tmp_path, {"redis": {"url": "redis://y"}})))
+    monkeypatch.setenv("REDIS_URL", "")
+    assert Settings().redis.url == "redis://y"
+
+
+def test_camoe_variable_beats_service_variable(monkeypatch):
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "plain:9092")
+    monkeypatch.setenv("CAMOE_KAFKA__BOOTSTRAP_SERVERS", "camoe:9092")
+    assert Settings().kafka.bootstrap_servers == "camoe:9092"
+
+
+def test_keyword_arguments_beat_env(monkeypatch):
+    monkeypatch.setenv("CAMOE_SCORING__BATCH_SIZE", "256")
+    assert Settings(scoring={"batch_size": 8}).scoring.batch_size == 8
+
+
+YAML_CONFIG = {
+    "kafka": {"bootstrap_servers": "yaml-broker:9092", "version": "3.9.0"},
+    "scoring": {"batch_size": 32, "group_id": "from-yaml"},
+    "labeler": {"attribution_window_s": 3.5},
+}
+
+
+def test_yaml_named_by_camoe_config_is_read(monkeypatch, tmp_path):
+    monkeypatch.setenv("CAMOE_CONFIG", str(write_config(tmp_path, YAML_CONFIG)))
+    s = Settings()
+    assert s.kafka.bootstrap_servers == "yaml-broker:9092"
+    assert s.kafka.version == "3.9.0"
+    assert s.scoring.batch_size == 32
+    assert s.scoring.group_id == "from-yaml"
+    assert s.labeler.attribution_window_s == 3.5
+    assert s.trainer.batch_size == 256  # untouched sections keep defaults
+
+
+def test_env_beats_yaml_and_merges_with_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("CAMOE_CONFIG", str(write_config(tmp_path, YAML_CONFIG)))
+    monkeypatch.setenv("CAMOE_SCORING__BATCH_SIZE", "256")
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "env-broker:9092")
+    s = Settings()
+    assert s.scoring.batch_size == 256
+    assert s.scoring.group_id == "from-yaml"  # the YAML's other keys in the section survive
+    assert s.kafka.bootstrap_servers == "env-broker:9092"
+    assert s.kafka.version == "3.9.0"
+
+
+def test_camoe_yaml_in_working_directory_is_the_default(tmp_path):
+    write_config(tmp_path, {"scoring": {"batch_size": 16}}, name="camoe.yaml")
+    assert Settings().scoring.batch_size == 16
+
+
+def test_no_config_file_anywhere_means_defaults():
+    assert Settings().scoring.batch_size == 64
+
+
+def test_empty_yaml_means_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("CAMOE_CONFIG", str(write_config(tmp_path, "")))
+    assert Settings().scoring.batch_size == 64
+
+
+def test_camoe_config_naming_a_missing_file_raises(monkeypatch, tmp_path):
+    missing = tmp_path / "nowhere" / "camoe.yaml"
+    monkeypatch.setenv("CAMOE_CONFIG", str(missing))
+    with pytest.raises(FileNotFoundError, match=r"CAMOE_CONFIG names .*nowhere"):
+        Settings()
+
+
+def test_yaml_that_is_not_a_mapping_is_rejected(monkeypatch, tmp_path):
+    monkeypatch.setenv("CAMOE_CONFIG", str(write_config(tmp_path, "- just\n- a list\n")))
+    with pytest.raises(ValueError, match="must be a mapping"):
+        Settings()
+
+
+def test_unknown_top_level_yaml_key_is_rejected(monkeypatch, tmp_path):
+    monkeypatch.setenv("CAMOE_CONFIG", str(write_config(tmp_path, {"scorin": {"batch_size": 1}})))
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert caught.value.errors()[0]["type"] == "extra_forbidden"
+    assert caught.value.errors()[0]["loc"] == ("scorin",)
+
+
+def test_unknown_keyword_is_rejected():
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        Settings(bogus=1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="camoe/settings.py:106 (and every section model, lines 31-150): the sections are "
+    "plain BaseModel with extra='ignore', so only the top level forbids unknown keys and a "
+    "typo inside a section (scoring.batchsize) is silently ignored",
+)
+def test_unknown_key_inside_a_section_is_rejected(monkeypatch, tmp_path):
+    monkeypatch.setenv("CAMOE_CONFIG", str(write_config(tmp_path, {"scoring": {"batchsize": 8}})))
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_settings_are_frozen():
+    s = Settings()
+    with pytest.raises(ValidationError):
+        s.scoring = s.scoring
