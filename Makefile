@@ -15,11 +15,13 @@ setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(KAFKA_LIBS)/.resolved redi
 
 demo: setup
 	$(VENV)/bin/camoe demo
+	@scripts/no_leftovers.sh
 
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest
+	@scripts/no_leftovers.sh
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -46,6 +46,7 @@ AD_PROFILE = ["campaign_index", "category", "quality"] + [
     f"ad_affinity_{i}" for i in range(AFFINITY_DIM)
 ]
 USER_COUNTERS = ["user_impressions", "user_clicks"]
+STORED_CATEGORICAL = ("age_bucket", "country", "premium", "campaign_index", "category")
 AD_COUNTERS = ["ad_impressions", "ad_clicks"]
 
 
@@ -87,9 +88,13 @@ def _index(vocabulary: tuple[str, ...], value: str) -> int:
         return 0
 
 
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
 def _bounded(value: Any, cardinality: int) -> int:
     """Stores give ints 1..cardinality-1; anything else (None, NaN, out of range) is 0."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if not _present(value):
         return 0
     value = int(value)
     return value if 0 < value < cardinality else 0
@@ -133,6 +138,9 @@ class FeatureLayout:
         """One candidate's (categorical, numeric, complete) where ``complete`` is False when
         a store value was missing or NaN and a default stood in for it."""
         cards = self._cards
+        stored = [user.get(n) for n in STORED_CATEGORICAL[:3]] + [
+            ad.get(n) for n in STORED_CATEGORICAL[3:]
+        ]
         categorical = [
             _index(FORMATS, candidate["format"]),
             _index(CONTENT_TYPES, context["content_type"]),
@@ -140,11 +148,10 @@ class FeatureLayout:
             _index(DEVICES, context["device"]),
             _bounded(int(context["hour"]) + 1, cards["hour"]),
             _index(PLACEMENTS, context["placement"]),
-            _bounded(user.get("age_bucket"), cards["age_bucket"]),
-            _bounded(user.get("country"), cards["country"]),
-            _bounded(user.get("premium"), cards["premium"]),
-            _bounded(ad.get("campaign_index"), cards["campaign_index"]),
-            _bounded(ad.get("category"), cards["category"]),
+            *(
+                _bounded(value, cards[name])
+                for value, name in zip(stored, STORED_CATEGORICAL, strict=True)
+            ),
         ]
         raw = (
             [user.get("activity"), candidate["bid"]]
@@ -153,7 +160,7 @@ class FeatureLayout:
             + [ad.get(f"ad_affinity_{i}") for i in range(AFFINITY_DIM)]
         )
         counters = [user.get(n) for n in USER_COUNTERS] + [ad.get(n) for n in AD_COUNTERS]
-        complete = True
+        complete = all(_present(v) for v in stored)
         numeric: list[float] = []
         for value in raw:
             if value is None or not math.isfinite(float(value)):

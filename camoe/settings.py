@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -28,12 +28,18 @@ ROOT = Path(__file__).resolve().parent.parent
 DeliveryGuarantee = Literal["at-least-once", "exactly-once"]
 
 
-class TopicSpec(BaseModel):
+class Section(BaseModel):
+    """A settings section: unknown keys are errors (a typo must not be ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TopicSpec(Section):
     name: str
     partitions: int = 1
 
 
-class TopicsSettings(BaseModel):
+class TopicsSettings(Section):
     """Topic names and partition counts; DESIGN.md describes each contract."""
 
     ad_requests: TopicSpec = TopicSpec(name="ad-requests", partitions=4)
@@ -48,7 +54,7 @@ class TopicsSettings(BaseModel):
         return [getattr(self, name) for name in type(self).model_fields]
 
 
-class KafkaSettings(BaseModel):
+class KafkaSettings(Section):
     bootstrap_servers: str | None = Field(
         default=None, description="Existing cluster; when unset the local stack starts a broker."
     )
@@ -58,7 +64,7 @@ class KafkaSettings(BaseModel):
     topics: TopicsSettings = TopicsSettings()
 
 
-class TritonSettings(BaseModel):
+class TritonSettings(Section):
     url: str | None = Field(
         default=None, description="Existing server's gRPC host:port; unset starts a local one."
     )
@@ -68,17 +74,17 @@ class TritonSettings(BaseModel):
     timeout_s: float = 5.0
 
 
-class RedisSettings(BaseModel):
+class RedisSettings(Section):
     url: str | None = Field(default=None, description="redis://host:port; unset starts one.")
 
 
-class FeastSettings(BaseModel):
+class FeastSettings(Section):
     repo_path: Path = ROOT / "feature_repo"
     online_store: Literal["sqlite", "redis"] = "sqlite"
     feature_service: str = "camoe_v1"
 
 
-class SimulatorSettings(BaseModel):
+class SimulatorSettings(Section):
     """Parameters of the traffic simulator's generative model (see simulator/traffic.py)."""
 
     seed: int = 7
@@ -103,7 +109,7 @@ class SimulatorSettings(BaseModel):
     )
 
 
-class ScoringSettings(BaseModel):
+class ScoringSettings(Section):
     group_id: str = "camoe-scoring"
     batch_size: int = 64
     poll_timeout_s: float = 0.05
@@ -111,13 +117,13 @@ class ScoringSettings(BaseModel):
     max_candidates: int = 64
 
 
-class LabelerSettings(BaseModel):
+class LabelerSettings(Section):
     group_id: str = "camoe-labeler"
     attribution_window_s: float = 10.0
     batch_size: int = 500
 
 
-class TrainerSettings(BaseModel):
+class TrainerSettings(Section):
     group_id: str = "camoe-trainer"
     batch_size: int = 256
     learning_rate: float = 3e-3
@@ -126,7 +132,7 @@ class TrainerSettings(BaseModel):
     checkpoint_dir: Path = ROOT / ".cache" / "trainer"
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(Section):
     """CAMoE hyper-parameters; constructor keywords equal these keys."""
 
     embedding_dim: int = 8
@@ -138,7 +144,7 @@ class ModelSettings(BaseModel):
     groups: list[list[str]] = [["audio", "display"], ["video"]]
 
 
-class DemoSettings(BaseModel):
+class DemoSettings(Section):
     """``make demo``: a bounded run of the whole loop."""
 
     duration_s: float = 60.0
@@ -147,9 +153,12 @@ class DemoSettings(BaseModel):
     click_boost: float = 2.0
 
 
-class StackSettings(BaseModel):
+class StackSettings(Section):
     state_dir: Path = ROOT / ".cache" / "stack"
     startup_timeout_s: float = 90.0
+    ports: dict[Literal["kafka", "triton", "redis"], int] = Field(
+        default={}, description="Fixed ports for the local services (Triton: gRPC); else free ones."
+    )
 
 
 class Settings(BaseSettings):

@@ -54,6 +54,10 @@ class Decided:
     impression: dict[str, Any]
 
 
+def _wrong_ad(click: dict[str, Any]) -> str:
+    return f"click on ad {click['ad_id']} that request {click['request_id']} did not serve"
+
+
 class Labeler:
     """StreamApp handler over feature-log and ad-clicks.
 
@@ -86,6 +90,7 @@ class Labeler:
         self.ad_counters: dict[str, list[int]] = {}
         self._dirty_users: set[str] = set()
         self._dirty_ads: set[str] = set()
+        self._read: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset read
 
     # --- the batch -----------------------------------------------------------------
 
@@ -130,21 +135,22 @@ class Labeler:
         click = record.value
         request_id = click["request_id"]
         pending = self.pending.get(request_id)
+        if pending is not None and click["event_time"] > pending.closes_at_ms:
+            # Its window closed in event time before the click: the negative stands first.
+            self._emit(self.pending.pop(request_id).impression, None, late=False, result=result)
+            pending = None
         if pending is not None:
             if click["ad_id"] != pending.impression["ad_id"]:
-                result.dead_letters.append(
-                    (
-                        record,
-                        f"click on ad {click['ad_id']} that request {request_id} did not serve",
-                    )
-                )
+                result.dead_letters.append((record, _wrong_ad(click)))
                 return
             del self.pending[request_id]
             self._emit(pending.impression, click, late=False, result=result)
             return
         decided = self.decided.get(request_id)
         if decided is not None:
-            if decided.label == 1:
+            if click["ad_id"] != decided.impression["ad_id"]:
+                result.dead_letters.append((record, _wrong_ad(click)))
+            elif decided.label == 1:
                 self.counts["duplicate_clicks"] += 1
             else:
                 self._emit(decided.impression, click, late=True, result=result)
@@ -218,20 +224,19 @@ class Labeler:
     # --- offsets -------------------------------------------------------------------
 
     def safe_offsets(self, records: list[Record]) -> list[TopicPartition]:
-        """Per partition: below the oldest record still waiting, else past the last read."""
-        waiting: dict[tuple[str, int], int] = {}
+        """Per partition read so far: the oldest offset still waiting, else past the last read.
+
+        Covers every partition read since start, not only this batch's: a batch that
+        decides an impression may hold no record of the impression's own partition.
+        """
+        for record in records:
+            key = (record.topic, record.partition)
+            self._read[key] = max(self._read.get(key, -1), record.offset)
+        next_offsets = {key: offset + 1 for key, offset in self._read.items()}
         places = [p.where for p in self.pending.values()] + [
             (r.topic, r.partition, r.offset) for r in self.orphans.values()
         ]
-        for where in places:
-            key = (where[0], where[1])
-            waiting[key] = min(waiting.get(key, where[2]), where[2])
-        latest: dict[tuple[str, int], int] = {}
-        for record in records:
-            key = (record.topic, record.partition)
-            latest[key] = max(latest.get(key, -1), record.offset)
-        offsets = []
-        for key in set(latest) | set(waiting):
-            offset = waiting.get(key, latest.get(key, -1) + 1)
-            offsets.append(TopicPartition(key[0], key[1], offset))
-        return offsets
+        for topic, partition, offset in places:
+            key = (topic, partition)
+            next_offsets[key] = min(next_offsets.get(key, offset), offset)
+        return [TopicPartition(t, p, offset) for (t, p), offset in next_offsets.items()]

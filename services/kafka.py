@@ -11,7 +11,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from camoe.settings import ROOT, KafkaSettings, TopicSpec
 from services.exceptions import PrerequisiteError
-from services.process import free_port, start_process
+from services.process import claim_port, free_port, start_process
 
 HERE = Path(__file__).parent
 LIBS = ROOT / ".cache" / "kafka" / "libs"
@@ -59,11 +59,15 @@ def java() -> str:
 
 
 def start_broker(
-    settings: KafkaSettings, data_dir: Path, log_path: Path, timeout_s: float
+    settings: KafkaSettings,
+    data_dir: Path,
+    log_path: Path,
+    timeout_s: float,
+    port: int | None = None,
 ) -> tuple[int, str]:
     """Formats a fresh KRaft log folder and starts a broker; returns (pid, bootstrap)."""
     libs = ensure_jars()
-    port, controller_port = free_port(), free_port()
+    port, controller_port = claim_port(port, "kafka"), free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     properties = data_dir / "server.properties"
     properties.write_text(

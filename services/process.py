@@ -20,7 +20,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ensure_port_free(port: int, service: str) -> None:
+def claim_port(port: int | None, service: str) -> int:
+    """The configured port if it is free (else PortBusyError), or any free port."""
+    if port is None:
+        return free_port()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind(("127.0.0.1", port))
@@ -29,6 +32,7 @@ def ensure_port_free(port: int, service: str) -> None:
                 f"{service}: port 127.0.0.1:{port} is busy; stop what uses it "
                 f"(`ss -ltnp | grep :{port}`) or choose another port"
             ) from None
+    return port
 
 
 def pid_alive(pid: int) -> bool:

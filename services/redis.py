@@ -8,7 +8,7 @@ from pathlib import Path
 import redis
 
 from services.exceptions import PrerequisiteError
-from services.process import free_port, start_process
+from services.process import claim_port, start_process
 
 
 def ping(url: str) -> bool:
@@ -19,14 +19,16 @@ def ping(url: str) -> bool:
         client.close()
 
 
-def start_server(data_dir: Path, log_path: Path, timeout_s: float) -> tuple[int, str]:
-    """Starts redis-server on a free loopback port; returns (pid, url)."""
+def start_server(
+    data_dir: Path, log_path: Path, timeout_s: float, port: int | None = None
+) -> tuple[int, str]:
+    """Starts redis-server on loopback (``port``, or a free one); returns (pid, url)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise PrerequisiteError(
             "redis-server is missing: run `make setup` or `apt-get install redis-server`"
         )
-    port = free_port()
+    port = claim_port(port, "redis")
     data_dir.mkdir(parents=True, exist_ok=True)
     url = f"redis://127.0.0.1:{port}/0"
     command = [

@@ -81,16 +81,21 @@ class Stack:
         endpoints = self.endpoints()
         timeout = self.settings.stack.startup_timeout_s
         logs = self.state_dir / "logs"
+        ports = self.settings.stack.ports
         try:
             if "kafka" in services and endpoints.kafka is None:
                 endpoints.pids["kafka"], endpoints.kafka = kafka.start_broker(
-                    self.settings.kafka, self.state_dir / "kafka", logs / "kafka.log", timeout
+                    self.settings.kafka,
+                    self.state_dir / "kafka",
+                    logs / "kafka.log",
+                    timeout,
+                    port=ports.get("kafka"),
                 )
                 endpoints.logs["kafka"] = str(logs / "kafka.log")
                 log.info("kafka up at %s", endpoints.kafka)
             if "redis" in services and endpoints.redis is None:
                 endpoints.pids["redis"], endpoints.redis = redis.start_server(
-                    self.state_dir / "redis", logs / "redis.log", timeout
+                    self.state_dir / "redis", logs / "redis.log", timeout, port=ports.get("redis")
                 )
                 endpoints.logs["redis"] = str(logs / "redis.log")
                 log.info("redis up at %s", endpoints.redis)
@@ -99,7 +104,11 @@ class Stack:
                 name = self.settings.triton.model_name
                 has_version = any(p.name.isdigit() for p in (repo / name).glob("*"))
                 pid, endpoints.triton, endpoints.triton_http = triton.start_server(
-                    repo, logs / "triton.log", timeout, load=[name] if has_version else []
+                    repo,
+                    logs / "triton.log",
+                    timeout,
+                    load=[name] if has_version else [],
+                    grpc_port=ports.get("triton"),
                 )
                 endpoints.pids["triton"] = pid
                 endpoints.logs["triton"] = str(logs / "triton.log")

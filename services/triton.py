@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from camoe.settings import ROOT
 from services.exceptions import PrerequisiteError
-from services.process import free_port, start_process
+from services.process import claim_port, free_port, start_process
 
 RUNTIME = ROOT / ".triton-venv"
 
@@ -42,11 +42,16 @@ def runtime_paths(runtime: Path = RUNTIME) -> tuple[Path, Path, Path]:
 
 
 def start_server(
-    model_repo: Path, log_path: Path, timeout_s: float, load: list[str]
+    model_repo: Path,
+    log_path: Path,
+    timeout_s: float,
+    load: list[str],
+    grpc_port: int | None = None,
 ) -> tuple[int, str, str]:
     """Starts tritonserver in explicit model-control mode; returns (pid, grpc, http)."""
     site_packages, binary, backends = runtime_paths()
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    grpc = claim_port(grpc_port, "triton")
+    http, metrics = free_port(), free_port()
     command = [
         str(binary),
         f"--model-repository={model_repo}",

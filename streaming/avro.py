@@ -92,6 +92,21 @@ class SchemaStore:
 _STORE = SchemaStore()
 
 
+def _read_body(
+    name: str, data: bytes, start: int, writer: dict[str, Any], reader: dict[str, Any]
+) -> dict[str, Any]:
+    """Reads the body after the header; the record must use every remaining byte."""
+    buffer = io.BytesIO(data)
+    buffer.seek(start)
+    try:
+        record = schemaless_reader(buffer, writer, reader)
+    except Exception as error:  # fastavro raises many types for corrupt bodies
+        raise DecodeError(f"{name}: corrupt Avro body or incompatible schema: {error}") from None
+    if buffer.tell() != len(data):
+        raise DecodeError(f"{name}: {len(data) - buffer.tell()} bytes after the record")
+    return record
+
+
 class AvroCodec:
     """Encodes and decodes one topic's records with single-object encoding.
 
@@ -128,10 +143,7 @@ class AvroCodec:
         if not data or len(data) < 10 or data[:2] != SINGLE_OBJECT_MARKER:
             raise DecodeError(f"{self.name}: not an Avro single-object encoded record")
         writer = self._store.writer_schema(bytes(data[2:10]))
-        try:
-            return schemaless_reader(io.BytesIO(data[10:]), writer, self._schema)
-        except Exception as error:  # fastavro raises many types for corrupt bodies
-            raise DecodeError(f"{self.name}: corrupt Avro body: {error}") from None
+        return _read_body(self.name, data, 10, writer, self._schema)
 
 
 class ConfluentAvroCodec:
@@ -162,10 +174,7 @@ class ConfluentAvroCodec:
         if schema_id not in self._writers:
             fetched = self._client.get_schema(schema_id)
             self._writers[schema_id] = parse_schema(json.loads(fetched.schema_str))
-        try:
-            return schemaless_reader(io.BytesIO(data[5:]), self._writers[schema_id], self._schema)
-        except Exception as error:
-            raise DecodeError(f"{self.name}: corrupt Avro body: {error}") from None
+        return _read_body(self.name, data, 5, self._writers[schema_id], self._schema)
 
 
 def codec_for(name: str, registry_url: str | None = None, topic: str | None = None) -> Any:

@@ -95,13 +95,17 @@ class Publisher:
         self.staging.mkdir(parents=True, exist_ok=True)
         folder = self.staging / f"{version}-{uuid.uuid4().hex[:8]}"
         folder.mkdir()
-        export_onnx(model, folder / "model.onnx", categorical.shape[1], numeric.shape[1])
-        shutil.copy2(self.model_dir / RUNNER, folder / RUNNER)
+        try:
+            export_onnx(model, folder / "model.onnx", categorical.shape[1], numeric.shape[1])
+            shutil.copy2(self.model_dir / RUNNER, folder / RUNNER)
+        except Exception as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise PublishError(f"version {version} could not be exported: {error}") from error
         target = self.model_dir / str(version)
         folder.rename(target)  # atomic: Triton sees all of the version or none of it
         if self.client is not None:
             try:
-                self._load_and_check(model, version, categorical, numeric, fmt)
+                self._load_and_check(self.client, model, version, categorical, numeric, fmt)
             except Exception as error:
                 shutil.rmtree(target, ignore_errors=True)
                 with _LOAD_LOCK:
@@ -110,21 +114,21 @@ class Publisher:
         self._prune()
         return version
 
+    @staticmethod
     def _load_and_check(
-        self,
+        client: TritonClient,
         model: nn.Module,
         version: int,
         categorical: np.ndarray,
         numeric: np.ndarray,
         fmt: np.ndarray,
     ) -> None:
-        assert self.client is not None
         started = time.monotonic()
         with _LOAD_LOCK:
-            self.client.load()
-        if version not in self.client.ready_versions():
+            client.load()
+        if version not in client.ready_versions():
             raise PublishError(f"Triton did not make version {version} ready")
-        served, _ = self.client.infer(categorical, numeric, fmt, version=version)
+        served, _ = client.infer(categorical, numeric, fmt, version=version)
         with torch.no_grad():
             expected = (
                 ServingModel(model)

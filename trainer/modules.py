@@ -131,7 +131,7 @@ class InputEncoder(nn.Module):
     @torch.no_grad()
     def fit(self, numeric: torch.Tensor) -> None:
         self._mean.copy_(numeric.mean(dim=0))
-        self._std.copy_(numeric.std(dim=0).clamp_min(1e-6))
+        self._std.copy_(numeric.std(dim=0, correction=0).clamp_min(1e-6))
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         known = (categorical >= 0) & (categorical < self._cardinality)  # (B, C)

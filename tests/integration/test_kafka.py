@@ -36,7 +36,7 @@ def read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 20.0)
 
 
 def test_passthrough_app_delivers_everything_and_dead_letters_garbage(services):
-    settings, endpoints = services
+    _, endpoints = services
     suffix = uuid.uuid4().hex[:8]
     source, sink, dlq = f"in-{suffix}", f"out-{suffix}", f"dlq-{suffix}"
     create_topics(

@@ -162,12 +162,6 @@ def test_next_version_is_max_plus_one(repo):
     assert publisher.next_version() == 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer/export.py:98 export_onnx runs outside any try: an export failure "
-    "escapes as the raw exception (not PublishError, which IncrementalTrainer._publish "
-    "catches at trainer/train.py:155) and leaves a partial folder in .staging",
-)
 def test_failed_export_raises_publish_error_and_cleans_staging(model, repo, monkeypatch):
     def broken_export(model, path, *args, **kwargs):
         path.write_bytes(b"half an onnx file")

@@ -294,12 +294,6 @@ def test_negative_counter_is_clamped_to_0(layout):
     assert num["log1p_user_clicks"] == 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="camoe/features.py:143-147,156: row()'s docstring says complete is False when a store "
-    "value was missing and a default stood in, but a missing categorical store value "
-    "(country None -> index 0) leaves complete=True; only numerics set the flag",
-)
 def test_missing_categorical_store_value_marks_incomplete(layout):
     _, _, complete = layout.row(context(), candidate(), user(country=None), ad())
     assert complete is False

@@ -217,12 +217,6 @@ def test_orphan_click_naming_another_ad_is_dead_lettered_when_the_impression_arr
     assert [record for record, _ in result.dead_letters] == [wrong]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="consumers/labeler.py:145-150: a click arriving after the negative was emitted is "
-    "turned into a late positive without checking its ad_id against the impression's, so a "
-    "click on an ad the request never served relabels that request 1",
-)
 def test_late_click_naming_another_ad_is_dead_lettered(h):
     h(h.impression("r1", T0, ad_id="ad-1"), now=T0)
     h(now=T0 + WINDOW_MS)  # the negative
@@ -292,13 +286,6 @@ def test_safe_offsets_advance_as_windows_close():
     assert committed(h.labeler.safe_offsets(third)) == {(FEATURE_LOG, 0): 3}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="consumers/labeler.py:220-236: safe_offsets only knows the current batch's "
-    "records, so a partition whose last waiting impression is labelled in a batch without "
-    "records from that partition is never committed past it; after a crash the impression "
-    "is re-read while its click (committed) is not, and it is relabelled 0 after its 1",
-)
 def test_safe_offsets_advance_a_partition_once_its_last_pending_item_is_labelled():
     h = Harness()
     first = [h.impression("r1", T0)]  # feature-log/0 @0

@@ -167,12 +167,6 @@ def test_unknown_keyword_is_rejected():
         Settings(bogus=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="camoe/settings.py:106 (and every section model, lines 31-150): the sections are "
-    "plain BaseModel with extra='ignore', so only the top level forbids unknown keys and a "
-    "typo inside a section (scoring.batchsize) is silently ignored",
-)
 def test_unknown_key_inside_a_section_is_rejected(monkeypatch, tmp_path):
     monkeypatch.setenv("CAMOE_CONFIG", str(write_config(tmp_path, {"scoring": {"batchsize": 8}})))
     with pytest.raises(ValidationError):
