@@ -36,6 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("prepare", help="Feast apply + materialise, model version 1")
     for name in ("score", "label", "train"):
         commands.add_parser(name, help=f"run the {name} component")
+    bench = commands.add_parser("bench", help="benchmarks that print and save figures")
+    bench.add_argument("name", choices=["quality"])
+    bench.add_argument("--out", type=Path, required=True, help="folder for results and plots")
+    bench.add_argument("--seeds", type=int, default=None, help="default: bench.seeds")
+    bench.add_argument(
+        "--sim-config",
+        type=Path,
+        default=None,
+        help="YAML of simulator parameters (the `simulator` section's keys)",
+    )
     demo = commands.add_parser("demo", help="run the whole loop for a bounded time")
     demo.add_argument("--duration", type=float, default=None, help="seconds of traffic")
     demo.add_argument("--out", type=Path, default=Path("out/demo.json"))
@@ -85,6 +95,24 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             args.command
         ]
         run(settings, _stop_event())
+        return 0
+    if args.command == "bench":
+        from bench import quality
+
+        if args.sim_config is not None:
+            import yaml
+
+            overrides = yaml.safe_load(args.sim_config.read_text()) or {}
+            simulator = type(settings.simulator).model_validate(
+                {**settings.simulator.model_dump(), **overrides}
+            )
+            settings = settings.model_copy(update={"simulator": simulator})
+        quality.run(
+            settings,
+            args.out,
+            args.seeds or settings.bench.seeds,
+            progress=lambda line: print(line, flush=True),
+        )
         return 0
     if args.command == "demo":
         from camoe.pipeline import demo_settings, print_summary, run_loop

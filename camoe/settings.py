@@ -144,6 +144,30 @@ class ModelSettings(Section):
     groups: list[list[str]] = [["audio", "display"], ["video"]]
 
 
+class BenchSettings(Section):
+    """``camoe bench quality``: every model on the same simulated, time-ordered history."""
+
+    requests: int = 150_000
+    hours: float = 24.0
+    calibration_fraction: float = 0.1
+    test_fraction: float = 0.2
+    epochs: int = 2
+    batch_size: int = 512
+    learning_rate: float = 3e-3
+    seeds: int = 3
+    models: list[str] = [
+        "camoe",
+        "dcn_global",
+        "dcn_single_task",
+        "shared_bottom",
+        "mmoe",
+        "content_mmoe",
+        "camoe_no_grouping",
+        "camoe_no_masking",
+        "camoe_no_dcn",
+    ]
+
+
 class DemoSettings(Section):
     """``make demo``: a bounded run of the whole loop."""
 
@@ -177,6 +201,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     stack: StackSettings = StackSettings()
     demo: DemoSettings = DemoSettings()
+    bench: BenchSettings = BenchSettings()
 
     @classmethod
     def settings_customise_sources(

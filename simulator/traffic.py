@@ -189,8 +189,9 @@ class World:
 
     # --- history for offline training and Feast ------------------------------------------
 
-    def history(self, n_requests: int, seed: int = 0) -> dict[str, np.ndarray]:
-        """Simulated served impressions (one per request, a random candidate shown)."""
+    def history(self, n_requests: int, seed: int = 0, hours: float = 24.0) -> dict[str, np.ndarray]:
+        """Simulated served impressions in time order over ``hours`` (drift applies): one
+        per request, a random candidate shown (so formats follow their shares)."""
         rng = np.random.default_rng(self.settings.seed * 1000 + seed)
         categorical, numeric, fmt, label, true_p = [], [], [], [], []
         start = int(time.time() * 1000)
@@ -199,7 +200,7 @@ class World:
             candidate = request["candidates"][int(rng.integers(len(request["candidates"])))]
             user, ad = self.features(request["user_id"], candidate["ad_id"])
             cat, num, _ = self.layout.row(request["context"], candidate, user, ad)
-            p = self.true_ctr(request, candidate["ad_id"])
+            p = self.true_ctr(request, candidate["ad_id"], hours * i / max(n_requests, 1))
             categorical.append(cat)
             numeric.append(num)
             fmt.append(FORMATS.index(candidate["format"]))

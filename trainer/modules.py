@@ -139,3 +139,75 @@ class InputEncoder(nn.Module):
         embedded = [emb(categorical[:, i]) for i, emb in enumerate(self._embeddings)]  # C x (B, D)
         scaled = (numeric - self._mean) / self._std  # (B, N)
         return torch.cat([*embedded, scaled], dim=1)
+
+
+class Calibrated(nn.Module):
+    """Per-task Platt scaling on top of any multi-task CTR model: ``a_t * logit_t + b_t``.
+
+    ``a`` and ``b`` are buffers, fitted on held-out data by ``fit`` and then frozen, so
+    training the wrapped model never moves them and the export carries them.
+
+    Shapes: categorical (B, C), numeric (B, N) -> calibrated logits (B, T).
+
+    Example::
+
+        calibrated = Calibrated(model, num_tasks=3)
+        logits = calibrated(categorical, numeric)  # (B, 3)
+    """
+
+    def __init__(self, model: nn.Module, num_tasks: int) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("_scale", torch.ones(num_tasks))
+        self.register_buffer("_bias", torch.zeros(num_tasks))
+
+    @property
+    def encoder(self) -> InputEncoder:
+        return self.model.encoder
+
+    def task_index(self, categorical: torch.Tensor, fmt: torch.Tensor) -> torch.Tensor:
+        inner = getattr(self.model, "task_index", None)
+        return inner(categorical, fmt) if inner is not None else fmt
+
+    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        return self.model(categorical, numeric) * self._scale + self._bias  # (B, T)
+
+    @torch.no_grad()
+    def raw_logits(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        return self.model(categorical, numeric)
+
+    def fit(self, logits: torch.Tensor, labels: torch.Tensor, task: torch.Tensor) -> None:
+        """Fits (a_t, b_t) per task by logistic regression of labels on the raw logits.
+
+        Args:
+            logits: raw logits of each sample's own task (B,).
+            labels: 0/1 labels (B,).
+            task: each sample's task index (B,).
+        """
+        for t in range(len(self._scale)):
+            mask = task == t
+            fitted = platt_scaling(logits[mask].detach(), labels[mask])
+            if fitted is not None:
+                self._scale[t], self._bias[t] = fitted
+
+
+def platt_scaling(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float] | None:
+    """(a, b) minimising BCE(sigmoid(a * logit + b), label); None when a class has < 2
+    samples or the fit diverges (the caller keeps the identity)."""
+    if int(labels.sum()) < 2 or int((1 - labels).sum()) < 2:
+        return None
+    params = torch.tensor([1.0, 0.0], requires_grad=True)
+    optimiser = torch.optim.LBFGS([params], lr=0.5, max_iter=100)
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            params[0] * logits + params[1], labels
+        )
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    if not torch.isfinite(params).all():
+        return None
+    return float(params[0].detach()), float(params[1].detach())

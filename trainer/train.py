@@ -11,16 +11,18 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from camoe.features import FORMATS
 from camoe.settings import Settings
 from streaming.app import BatchResult, Output, Record
 from trainer.export import Publisher, PublishError
-from trainer.model import CAMoE, masked_bce, validate_batch
+from trainer.model import CAMoE, masked_bce, select_task, validate_batch
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +40,38 @@ def to_tensors(
     return tensors
 
 
+LossKind = Literal["masked", "pooled", "all_tasks"]
+
+
+def task_of(model: nn.Module, categorical: torch.Tensor, fmt: torch.Tensor) -> torch.Tensor:
+    """Each sample's task: its format, unless the model defines tasks otherwise."""
+    task_index = getattr(model, "task_index", None)
+    return task_index(categorical, fmt) if task_index is not None else fmt
+
+
+def loss_fn(
+    kind: LossKind, logits: torch.Tensor, labels: torch.Tensor, task: torch.Tensor
+) -> torch.Tensor:
+    """``masked``: adaptive loss masking (CAMoE); ``pooled``: one BCE over every sample's
+    own column (one-size-fits-all); ``all_tasks``: every sample trains every tower (the
+    "without masking" ablation)."""
+    if kind == "masked":
+        return masked_bce(logits, labels, task)
+    if kind == "pooled":
+        return F.binary_cross_entropy_with_logits(select_task(logits, task), labels)
+    if kind == "all_tasks":
+        return F.binary_cross_entropy_with_logits(logits, labels.view(-1, 1).expand_as(logits))
+    raise ValueError(f"unknown loss {kind!r}; choose masked, pooled or all_tasks")
+
+
 def fit(
-    model: CAMoE,
+    model: nn.Module,
     data: dict[str, np.ndarray],
     epochs: int = 2,
     batch_size: int = 256,
     learning_rate: float = 3e-3,
     seed: int = 0,
+    loss: LossKind = "masked",
 ) -> list[float]:
     """Fits the model offline on simulated history; returns the loss per epoch.
 
@@ -53,7 +80,9 @@ def fit(
     categorical, numeric, fmt, labels = to_tensors(
         data["categorical"], data["numeric"], data["format"], data["label"]
     )
+    task = task_of(model, categorical, fmt)
     model.encoder.fit(numeric)
+    torch.manual_seed(seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
     losses = []
@@ -63,11 +92,13 @@ def fit(
         total = 0.0
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
-            loss = masked_bce(model(categorical[index], numeric[index]), labels[index], fmt[index])
+            value = loss_fn(
+                loss, model(categorical[index], numeric[index]), labels[index], task[index]
+            )
             optimiser.zero_grad()
-            loss.backward()
+            value.backward()
             optimiser.step()
-            total += loss.item() * len(index)
+            total += value.item() * len(index)
         losses.append(total / len(order))
         log.info("offline fit epoch %d/%d: loss %.4f", epoch + 1, epochs, losses[-1])
     model.eval()
