@@ -26,13 +26,13 @@ import torch
 from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 from torch import nn
 
-from camoe.features import FORMATS, FeatureLayout
+from camoe.features import CONTENT_TYPES, FORMATS, FeatureLayout
 from camoe.settings import Settings
 from simulator.traffic import World
 from trainer.baselines import ContentMMoE, GlobalDCN, MMoE, SharedBottom, SingleTaskDCN
 from trainer.model import CAMoE, ServingModel
 from trainer.modules import Calibrated
-from trainer.train import LossKind, fit, task_of
+from trainer.train import LossKind, calibrate, fit, task_of
 
 log = logging.getLogger(__name__)
 
@@ -150,17 +150,9 @@ def run_model(
         loss=spec.loss,
     )
     seconds = time.perf_counter() - started
-    model = Calibrated(
-        inner,
-        inner(
-            torch.zeros(1, layout.n_categorical, dtype=torch.int64),
-            torch.zeros(1, layout.n_numeric),
-        ).shape[1],
-    ).eval()
-    categorical = torch.from_numpy(calib["categorical"])
-    task = task_of(model, categorical, torch.from_numpy(calib["format"]))
-    raw = model.raw_logits(categorical, torch.from_numpy(calib["numeric"]))
-    model.fit(raw.gather(1, task.view(-1, 1)).view(-1), torch.from_numpy(calib["label"]), task)
+    n_tasks = len(CONTENT_TYPES) if isinstance(inner, ContentMMoE) else len(FORMATS)
+    model = Calibrated(inner, n_tasks).eval()
+    calibrate(model, calib)
     p = predict(model, test)
     result: dict[str, Any] = {
         "examples_per_s": len(train["label"]) * b.epochs / seconds,

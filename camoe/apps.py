@@ -17,7 +17,7 @@ from services.triton import TritonClient
 from streaming.app import StreamApp
 from streaming.avro import codec_for
 from trainer.export import Publisher
-from trainer.model import build_camoe
+from trainer.model import build_served_camoe
 from trainer.train import IncrementalTrainer
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def run_trainer(settings: Settings, stop: Event) -> None:
     checkpoint = settings.trainer.checkpoint_dir / "model.pt"
     if not checkpoint.exists():
         raise NotRunningError(f"no trained model at {checkpoint}: run `camoe prepare` first")
-    model = build_camoe(settings)
+    model = build_served_camoe(settings)
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
     client = TritonClient(endpoints.triton, settings.triton.model_name, settings.triton.timeout_s)
     publisher = Publisher(settings.triton.model_repo, settings.triton.model_name, client)

@@ -24,8 +24,8 @@ from services.triton import TritonClient
 from simulator.driver import TrafficDriver, TrafficStats
 from simulator.traffic import World
 from trainer.export import Publisher, versions
-from trainer.model import build_camoe
-from trainer.train import fit, save_model
+from trainer.model import build_served_camoe
+from trainer.train import calibrate, fit, save_model
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,17 @@ def prepare(settings: Settings, endpoints: Endpoints) -> None:
         "training version 1 offline on %d simulated requests", settings.trainer.pretrain_requests
     )
     history = world.history(settings.trainer.pretrain_requests)
-    model = build_camoe(settings)
+    held_out = len(history["label"]) // 10  # the newest tenth fits the calibration
+    train = {k: v[:-held_out] for k, v in history.items()}
+    model = build_served_camoe(settings)
     fit(
         model,
-        history,
+        train,
         epochs=2,
         batch_size=settings.trainer.batch_size,
         learning_rate=settings.trainer.learning_rate,
     )
+    calibrate(model, {k: v[-held_out:] for k, v in history.items()})
     save_model(model, checkpoint)
     check = (history["categorical"][:64], history["numeric"][:64], history["format"][:64])
     version = Publisher(settings.triton.model_repo, settings.triton.model_name, client).publish(

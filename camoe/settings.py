@@ -93,7 +93,7 @@ class SimulatorSettings(Section):
     n_campaigns: int = 40
     candidates_per_request: int = 4
     format_shares: dict[str, float] = {"audio": 0.70, "video": 0.10, "display": 0.20}
-    base_ctr: dict[str, float] = {"audio": 0.004, "video": 0.012, "display": 0.008}
+    base_ctr: dict[str, float] = {"audio": 0.002, "video": 0.006, "display": 0.004}
     foreground_share: float = 0.3
     foreground_lift: float = 10.0
     affinity_dim: int = 4
@@ -101,7 +101,7 @@ class SimulatorSettings(Section):
     cross_strength: float = 0.8
     click_delay_median_s: float = 2.0
     click_delay_sigma: float = 1.0
-    drift_per_hour: float = 0.0
+    drift_per_hour: float = 0.02
     requests_per_second: float = 50.0
     click_boost: float = Field(
         default=1.0,
@@ -147,7 +147,7 @@ class ModelSettings(Section):
 class BenchSettings(Section):
     """``camoe bench quality``: every model on the same simulated, time-ordered history."""
 
-    requests: int = 150_000
+    requests: int = 500_000
     hours: float = 24.0
     calibration_fraction: float = 0.1
     test_fraction: float = 0.2

@@ -30,8 +30,7 @@ def copy_repos(root: Path) -> tuple[Path, Path]:
         shutil.copy2(ROOT / "feature_repo" / name, feature_repo / name)
     model_dir = root / "model_repo" / "camoe"
     model_dir.mkdir(parents=True)
-    for name in ("config.pbtxt", "model.py"):
-        shutil.copy2(ROOT / "model_repo" / "camoe" / name, model_dir / name)
+    shutil.copy2(ROOT / "model_repo" / "camoe" / "config.pbtxt", model_dir / "config.pbtxt")
     return feature_repo, root / "model_repo"
 
 

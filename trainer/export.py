@@ -26,7 +26,8 @@ from trainer.model import ServingModel
 
 log = logging.getLogger(__name__)
 
-RUNNER = "model.py"  # the Python-backend runner kept beside config.pbtxt
+# The Python-backend runner, copied into each version folder as Triton expects it.
+RUNNER = Path(__file__).parent / "triton_model.py"
 _LOAD_LOCK = threading.Lock()
 
 
@@ -97,7 +98,7 @@ class Publisher:
         folder.mkdir()
         try:
             export_onnx(model, folder / "model.onnx", categorical.shape[1], numeric.shape[1])
-            shutil.copy2(self.model_dir / RUNNER, folder / RUNNER)
+            shutil.copy2(RUNNER, folder / "model.py")
         except Exception as error:
             shutil.rmtree(folder, ignore_errors=True)
             raise PublishError(f"version {version} could not be exported: {error}") from error

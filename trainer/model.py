@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from camoe.features import FORMATS, FeatureLayout
 from camoe.settings import Settings
-from trainer.modules import MLP, Expert, Gate, InputEncoder
+from trainer.modules import MLP, Calibrated, Expert, Gate, InputEncoder
 
 
 class CAMoE(nn.Module):
@@ -156,3 +156,8 @@ def build_camoe(settings: Settings) -> CAMoE:
         formats=list(FORMATS),
         **settings.model.model_dump(),
     )
+
+
+def build_served_camoe(settings: Settings) -> Calibrated:
+    """What the system trains and serves: CAMoE under its per-format calibration."""
+    return Calibrated(build_camoe(settings), len(FORMATS))

@@ -22,7 +22,8 @@ from camoe.features import FORMATS
 from camoe.settings import Settings
 from streaming.app import BatchResult, Output, Record
 from trainer.export import Publisher, PublishError
-from trainer.model import CAMoE, masked_bce, select_task, validate_batch
+from trainer.model import masked_bce, select_task, validate_batch
+from trainer.modules import Calibrated
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,15 @@ def fit(
     return losses
 
 
-def save_model(model: CAMoE, path: Path) -> None:
+def calibrate(model: Calibrated, data: dict[str, np.ndarray]) -> None:
+    """Fits the per-task Platt calibration on held-out data (the model itself is frozen)."""
+    categorical = torch.from_numpy(data["categorical"])
+    task = task_of(model, categorical, torch.from_numpy(data["format"]))
+    raw = model.raw_logits(categorical, torch.from_numpy(data["numeric"]))
+    model.fit(raw.gather(1, task.view(-1, 1)).view(-1), torch.from_numpy(data["label"]), task)
+
+
+def save_model(model: nn.Module, path: Path) -> None:
     """Saves weights atomically (write, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
@@ -127,7 +136,7 @@ class IncrementalTrainer:
     def __init__(
         self,
         settings: Settings,
-        model: CAMoE,
+        model: nn.Module,
         publisher: Publisher,
         model_updates_topic: str,
         checkpoint: Path,

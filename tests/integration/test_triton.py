@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -27,7 +26,6 @@ def parity_model(services):
     target.mkdir()
     config = (source / "config.pbtxt").read_text()
     (target / "config.pbtxt").write_text(re.sub(r'name: "camoe"', f'name: "{MODEL}"', config))
-    shutil.copy2(source / "model.py", target / "model.py")
     client = TritonClient(endpoints.triton, MODEL)
     yield settings, client
     client.close()

@@ -21,7 +21,7 @@ SETTINGS = Settings()
 LAYOUT = FeatureLayout(SETTINGS.simulator.n_campaigns)
 MODEL_DIR = ROOT / "model_repo" / "camoe"
 CONFIG = MODEL_DIR / "config.pbtxt"
-RUNNER = MODEL_DIR / "model.py"
+RUNNER = export.RUNNER
 
 
 def _batch(n, seed):
@@ -102,7 +102,6 @@ def test_export_onnx_matches_serving_model(model, onnx_path, n):
 def repo(tmp_path):
     (tmp_path / "camoe").mkdir()
     shutil.copy2(CONFIG, tmp_path / "camoe" / "config.pbtxt")
-    shutil.copy2(RUNNER, tmp_path / "camoe" / "model.py")
     return tmp_path
 
 
@@ -186,8 +185,9 @@ def _dims(config, name):
     return [int(d) for d in match.group(1).split(",")]
 
 
-def test_config_pbtxt_matches_feature_layout():
-    config = CONFIG.read_text()
+@pytest.mark.parametrize("path", [CONFIG, CONFIG.parent / "configs" / "gpu.pbtxt"])
+def test_config_pbtxt_matches_feature_layout(path):
+    config = path.read_text()
     assert _dims(config, "categorical") == [LAYOUT.n_categorical]
     assert _dims(config, "numeric") == [LAYOUT.n_numeric]
     assert _dims(config, "format") == [1]

@@ -1,6 +1,7 @@
 """Triton Python-backend runner for the exported CAMoE ONNX file.
 
-The exporter copies this file into every version folder as ``model.py``. It runs in
+The exporter (trainer/export.py) copies this file into every version folder as
+``model.py``. It runs in
 Triton's own environment (numpy < 2, onnxruntime), not the project's.
 """
 
