@@ -81,7 +81,7 @@ MODELS: dict[str, ModelSpec] = {
         lambda s, c, n: MMoE(c, n, len(FORMATS), s.model.embedding_dim, _experts(s)), "masked"
     ),
     "content_mmoe": ModelSpec(
-        lambda s, c, n: ContentMMoE(c, n, len(FORMATS), s.model.embedding_dim, _experts(s)),
+        lambda s, c, n: ContentMMoE(c, n, len(CONTENT_TYPES), s.model.embedding_dim, _experts(s)),
         "masked",
     ),
     "camoe_no_grouping": ModelSpec(_no_grouping, "masked"),
@@ -203,6 +203,7 @@ def run(
         raise ValueError(f"unknown models {unknown}; known: {', '.join(MODELS)}")
     per_seed: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    oracle: list[dict[str, Any]] = []
     for seed in range(seeds):
         sim = settings.simulator.model_copy(update={"seed": settings.simulator.seed + seed})
         started = time.perf_counter()
@@ -212,6 +213,17 @@ def run(
             f"seed {seed + 1}/{seeds}: simulated {len(data['label'])} impressions "
             f"(CTR {data['label'].mean():.4f}) in {time.perf_counter() - started:.0f}s"
         )
+        test = splits[2]
+        oracle.append(
+            {
+                "formats": {
+                    f: format_metrics(
+                        test["true_ctr"][test["format"] == k], test["label"][test["format"] == k]
+                    )
+                    for k, f in enumerate(FORMATS)
+                }
+            }
+        )
         for name in names:
             result, p = run_model(name, settings, splits, seed)
             per_seed[name].append(result)
@@ -219,7 +231,7 @@ def run(
                 curves[name] = (p, splits[2]["label"], splits[2]["format"])
             auc = " ".join(f"{f} {result['formats'][f]['auc_pr']:.4f}" for f in FORMATS)
             progress(f"  {name:<18} AUC-PR {auc}  ({result['examples_per_s']:.0f} ex/s)")
-    summary = summarise(per_seed, seeds, settings)
+    summary = summarise(per_seed, oracle, seeds, settings)
     summary["forward_candidates_per_s"] = forward_throughput(settings)
     (out / "quality.json").write_text(json.dumps(summary, indent=2))
     (out / "quality.md").write_text(table(summary))
@@ -230,19 +242,19 @@ def run(
 
 
 def summarise(
-    per_seed: dict[str, list[dict[str, Any]]], seeds: int, settings: Settings
+    per_seed: dict[str, list[dict[str, Any]]],
+    oracle: list[dict[str, Any]],
+    seeds: int,
+    settings: Settings,
 ) -> dict[str, Any]:
-    models: dict[str, Any] = {}
-    for name, results in per_seed.items():
-        formats = {}
-        for f in FORMATS:
-            formats[f] = {
-                m: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v))}
-                for m in METRICS
-                for v in [np.array([r["formats"][f][m] for r in results])]
-            }
-        speeds = [r["examples_per_s"] for r in results]
-        models[name] = {"formats": formats, "train_examples_per_s": float(np.mean(speeds))}
+    """``oracle``: the metrics of the simulator's true CTR, the ceiling for any model."""
+    models = {
+        name: {
+            "formats": _aggregate(results),
+            "train_examples_per_s": float(np.mean([r["examples_per_s"] for r in results])),
+        }
+        for name, results in per_seed.items()
+    }
     return {
         "seeds": seeds,
         "requests_per_seed": settings.bench.requests,
@@ -253,21 +265,34 @@ def summarise(
         },
         "simulator": settings.simulator.model_dump(),
         "models": models,
+        "oracle": {"formats": _aggregate(oracle)},
+    }
+
+
+def _aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and std over seeds of each metric of each format."""
+    return {
+        f: {
+            m: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v))}
+            for m in METRICS
+            for v in [np.array([r["formats"][f][m] for r in results])]
+        }
+        for f in FORMATS
     }
 
 
 def table(summary: dict[str, Any]) -> str:
     header = "| model | " + " | ".join(f"{f} AUC-PR | {f} ECE" for f in FORMATS) + " | train ex/s |"
     lines = [header, "|" + " --- |" * (2 * len(FORMATS) + 2)]
-    for name, result in summary["models"].items():
+    rows = [*summary["models"].items(), ("oracle (true CTR)", summary["oracle"])]
+    for name, result in rows:
         cells = []
         for f in FORMATS:
             m = result["formats"][f]
             cells.append(f"{m['auc_pr']['mean']:.4f} ± {m['auc_pr']['std']:.4f}")
             cells.append(f"{m['ece']['mean']:.4f}")
-        lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {result['train_examples_per_s']:.0f} |"
-        )
+        speed = result.get("train_examples_per_s")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {speed or 0:.0f} |")
     return "\n".join(lines) + "\n"
 
 

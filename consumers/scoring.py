@@ -47,7 +47,6 @@ class Scorer:
         topics = settings.kafka.topics
         self.scores_topic = topics.ad_scores.name
         self.feature_log_topic = topics.feature_log.name
-        self.latencies_ms: list[float] = []
 
     def check(self, request: dict[str, Any]) -> None:
         candidates = request["candidates"]

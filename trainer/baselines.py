@@ -66,7 +66,6 @@ class SingleTaskDCN(nn.Module):
             GlobalDCN(cardinalities, n_numeric, 1, embedding_dim, cross_layers, hidden)
             for _ in range(n_tasks)
         )
-        self.encoder = self.nets[0].encoder  # normalisation statistics are fitted through it
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         return torch.cat([net(categorical, numeric) for net in self.nets], dim=1)  # (B, T)
@@ -147,32 +146,16 @@ class ContentMMoE(MMoE):
     """Content-based multi-task baseline: MMoE whose tasks are content types
     (music, podcast, audiobook), not ad modalities.
 
+    Build it with ``n_tasks=len(CONTENT_TYPES)``.
+
     Shapes: categorical (B, C), numeric (B, N) -> logits (B, len(CONTENT_TYPES)).
     """
 
-    def __init__(
-        self,
-        cardinalities: list[int],
-        n_numeric: int,
-        n_tasks: int,
-        embedding_dim: int = 8,
-        num_experts: int = 6,
-        expert_hidden: list[int] | None = None,
-        tower_hidden: list[int] | None = None,
-    ) -> None:
-        del n_tasks  # its tasks are content types, whatever the formats are
-        super().__init__(
-            cardinalities,
-            n_numeric,
-            len(CONTENT_TYPES),
-            embedding_dim,
-            num_experts,
-            expert_hidden,
-            tower_hidden,
-        )
-
     @staticmethod
     def task_index(categorical: torch.Tensor, fmt: torch.Tensor) -> torch.Tensor:
-        """Content type (index 0 = unknown, folded into music) -> task (B,)."""
+        """Content type -> task (B,); unknown content types (index 0 or out of range) count
+        as music, as the input encoder treats them as unknown."""
         del fmt
-        return (categorical[:, CONTENT_TYPE_COLUMN] - 1).clamp_min(0)
+        content = categorical[:, CONTENT_TYPE_COLUMN]
+        known = (content >= 1) & (content <= len(CONTENT_TYPES))
+        return torch.where(known, content - 1, torch.zeros_like(content))

@@ -161,10 +161,6 @@ class Calibrated(nn.Module):
         self.register_buffer("_scale", torch.ones(num_tasks))
         self.register_buffer("_bias", torch.zeros(num_tasks))
 
-    @property
-    def encoder(self) -> InputEncoder:
-        return self.model.encoder
-
     def task_index(self, categorical: torch.Tensor, fmt: torch.Tensor) -> torch.Tensor:
         inner = getattr(self.model, "task_index", None)
         return inner(categorical, fmt) if inner is not None else fmt

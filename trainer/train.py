@@ -23,7 +23,7 @@ from camoe.settings import Settings
 from streaming.app import BatchResult, Output, Record
 from trainer.export import Publisher, PublishError
 from trainer.model import masked_bce, select_task, validate_batch
-from trainer.modules import Calibrated
+from trainer.modules import Calibrated, InputEncoder
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,9 @@ def fit(
         data["categorical"], data["numeric"], data["format"], data["label"]
     )
     task = task_of(model, categorical, fmt)
-    model.encoder.fit(numeric)
+    for module in model.modules():  # every input encoder (a single-task model has several)
+        if isinstance(module, InputEncoder):
+            module.fit(numeric)
     torch.manual_seed(seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)

@@ -11,9 +11,10 @@ from torch.nn import functional as F
 from bench.quality import MODELS
 from camoe.features import CONTENT_TYPES, FORMATS, FeatureLayout
 from camoe.settings import Settings
+from simulator.traffic import World
 from trainer.baselines import ContentMMoE, GlobalDCN, SingleTaskDCN
 from trainer.model import CAMoE
-from trainer.train import loss_fn
+from trainer.train import fit, loss_fn
 
 SETTINGS = Settings()
 LAYOUT = FeatureLayout(SETTINGS.simulator.n_campaigns)
@@ -98,6 +99,13 @@ def test_content_mmoe_task_is_content_type_with_unknown_folded_into_music():
     other = categorical.clone()
     other[:, 0] = torch.tensor([3, 2, 1, 0])
     assert ContentMMoE.task_index(other, fmt.flip(0)).tolist() == [0, 1, 2, 0]
+
+
+def test_content_mmoe_task_of_an_out_of_vocabulary_content_type_is_music():
+    categorical, _ = _batch(2)
+    categorical[:, 1] = torch.tensor([len(CONTENT_TYPES) + 1, 99])
+    task = ContentMMoE.task_index(categorical, torch.zeros(2, dtype=torch.int64))
+    assert task.tolist() == [0, 0]
 
 
 # --- CAMoE ablations ------------------------------------------------------------------------
@@ -194,18 +202,11 @@ def test_single_task_dcn_video_samples_train_only_the_video_net():
     assert _grad_norm(model.nets[DISPLAY]) == 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "trainer/baselines.py:68: SingleTaskDCN.encoder is nets[0].encoder only, so "
-        "fit()'s model.encoder.fit(numeric) standardises the audio net's inputs and leaves "
-        "the video and display nets on mean 0 / std 1 (raw numeric features)"
-    ),
-)
 def test_single_task_dcn_encoder_fit_standardises_every_net():
     model = _build("dcn_single_task")
-    numeric = torch.randn(512, LAYOUT.n_numeric) * 5 + 3
-    model.encoder.fit(numeric)  # what trainer.train.fit does
+    data = World(SETTINGS.simulator).history(300)
+    fit(model, data, epochs=1)
     state = model.state_dict()
+    numeric = torch.from_numpy(data["numeric"])
     for k in range(len(FORMATS)):
         torch.testing.assert_close(state[f"nets.{k}.encoder._mean"], numeric.mean(dim=0))
