@@ -78,6 +78,7 @@ def _app(
         dead_letter_topic=settings.kafka.topics.dead_letters.name,
         guarantee=guarantee,
         batch_size=batch_size,
+        instance_id=f"{name}-{settings.worker_id}",
     )
 
 
@@ -98,8 +99,11 @@ def run_scoring(settings: Settings, stop: Event) -> None:
         s.batch_size,
         s.guarantee,
     )
-    log.info("scoring consumer running (%s)", s.guarantee)
-    app.run(Scorer(settings, features, triton), stop)
+    scorer = Scorer(settings, features, triton)
+    if s.metrics_port is not None:
+        scorer.metrics.serve(s.metrics_port)
+    log.info("scoring consumer running (%s, Triton policy %s)", s.guarantee, s.triton_policy)
+    app.run(scorer, stop)
 
 
 def run_labeler(settings: Settings, stop: Event) -> None:

@@ -88,6 +88,14 @@ def _index(vocabulary: tuple[str, ...], value: str) -> int:
         return 0
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def is_float32(value: Any) -> bool:
+    """A number the model's float32 input can hold (not None, NaN, inf or overflowing)."""
+    return value is not None and math.isfinite(float(value)) and abs(float(value)) <= FLOAT32_MAX
+
+
 def _present(value: Any) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
@@ -163,16 +171,13 @@ class FeatureLayout:
         complete = all(_present(v) for v in stored)
         numeric: list[float] = []
         for value in raw:
-            if value is None or not math.isfinite(float(value)):
+            if not is_float32(value):
                 complete = False
                 numeric.append(0.0)
             else:
                 numeric.append(float(value))
         # Missing counters mean "no events yet": 0 is the true value, not a default.
-        numeric += [
-            math.log1p(max(float(c), 0.0)) if c is not None and math.isfinite(float(c)) else 0.0
-            for c in counters
-        ]
+        numeric += [math.log1p(max(float(c), 0.0)) if is_float32(c) else 0.0 for c in counters]
         return categorical, numeric, complete
 
     def arrays(

@@ -115,6 +115,21 @@ class ScoringSettings(Section):
     poll_timeout_s: float = 0.05
     guarantee: DeliveryGuarantee = "at-least-once"
     max_candidates: int = 64
+    triton_retries: int = 3
+    triton_backoff_s: float = Field(default=0.05, description="doubles after each retry")
+    triton_policy: Literal["hold", "fallback"] = Field(
+        default="hold",
+        description="when Triton stays down: hold (pause, re-read the batch later) or answer "
+        "with per-format prior CTRs flagged 'fallback'",
+    )
+    hold_retry_s: float = 1.0
+    metrics_port: int | None = Field(
+        default=None, description="Prometheus /metrics on 127.0.0.1 (0: any free port)"
+    )
+    prior_ctr: dict[str, float] = Field(
+        default={"audio": 0.0085, "video": 0.024, "display": 0.016},
+        description="fallback scores: each format's mean CTR",
+    )
 
 
 class LabelerSettings(Section):
@@ -190,6 +205,9 @@ class Settings(BaseSettings):
         env_prefix="CAMOE_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
+    worker_id: int = Field(
+        default=0, description="this process's index among the workers of one component"
+    )
     kafka: KafkaSettings = KafkaSettings()
     triton: TritonSettings = TritonSettings()
     redis: RedisSettings = RedisSettings()

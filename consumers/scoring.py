@@ -14,16 +14,31 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
 
-from camoe.features import FORMATS, FeatureLayout
+from camoe.features import FORMATS, FeatureLayout, is_float32
 from camoe.settings import Settings
-from services.triton import TritonClient
+from consumers.metrics import ScoringMetrics
+from services.triton import InferenceServerException, TritonClient
 from streaming.app import BatchResult, Output, Record
+from streaming.exceptions import RetryLater
 
 log = logging.getLogger(__name__)
+
+
+FALLBACK_VERSION = "fallback"  # the model_version of scores from the prior CTRs
+
+
+# gRPC statuses that mean "Triton is down or busy", worth a retry; any other error is
+# about the inputs themselves.
+TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED")
+
+
+class ModelRejected(Exception):
+    """Triton answered, and refused the inputs."""
 
 
 class RequestError(ValueError):
@@ -47,6 +62,44 @@ class Scorer:
         topics = settings.kafka.topics
         self.scores_topic = topics.ad_scores.name
         self.feature_log_topic = topics.feature_log.name
+        self._priors = np.asarray([settings.scoring.prior_ctr[f] for f in FORMATS], np.float32)
+        self.counts: Counter[str] = Counter()
+        self.metrics = ScoringMetrics()
+
+    def _infer(
+        self, categorical: np.ndarray, numeric: np.ndarray, fmt: np.ndarray
+    ) -> tuple[np.ndarray, str]:
+        """pCTR from Triton with retries and backoff; when it stays down, the policy decides:
+        ``fallback`` answers with per-format prior CTRs, ``hold`` raises RetryLater so the
+        app pauses and re-reads the batch. Either way no request is dropped."""
+        s = self.settings.scoring
+        error: Exception | None = None
+        for attempt in range(s.triton_retries):
+            try:
+                return self.triton.infer(categorical, numeric, fmt)
+            except InferenceServerException as failure:
+                if not any(code in str(failure.status()) for code in TRANSIENT):
+                    raise ModelRejected(str(failure)) from None  # retrying cannot help
+                error = failure
+                time.sleep(s.triton_backoff_s * 2**attempt)
+        if s.triton_policy == "fallback":
+            self.counts["fallback_batches"] += 1
+            return self._priors[fmt], FALLBACK_VERSION
+        raise RetryLater(
+            f"Triton unavailable after {s.triton_retries} tries: {error}", s.hold_retry_s
+        )
+
+    def _isolate(self, requests: list[Record], reason: str, result: BatchResult) -> BatchResult:
+        """Triton rejected the batch's inputs: score each request alone, so only the
+        request that cannot be scored goes to the dead-letter topic (no poison pill)."""
+        if len(requests) == 1:
+            result.dead_letters.append((requests[0], f"model rejected the request: {reason}"))
+            return result
+        for record in requests:
+            alone = self([record])
+            result.outputs += alone.outputs
+            result.dead_letters += alone.dead_letters
+        return result
 
     def check(self, request: dict[str, Any]) -> None:
         candidates = request["candidates"]
@@ -62,7 +115,7 @@ class Scorer:
                 raise RequestError(
                     f"candidate {candidate['ad_id']} has unknown format {candidate['format']!r}"
                 )
-            if not np.isfinite(candidate["bid"]) or candidate["bid"] < 0:
+            if not is_float32(candidate["bid"]) or candidate["bid"] < 0:
                 raise RequestError(f"candidate {candidate['ad_id']} has invalid bid")
 
     def __call__(self, records: list[Record]) -> BatchResult:
@@ -106,7 +159,10 @@ class Scorer:
             [FORMATS.index(c["format"]) for r in requests for c in r.value["candidates"]],
             dtype=np.int64,
         )
-        pctr, version = self.triton.infer(categorical, numeric, fmt)
+        try:
+            pctr, version = self._infer(categorical, numeric, fmt)
+        except ModelRejected as error:
+            return self._isolate(requests, str(error), result)
         done = time.perf_counter()
         timings = {
             "features": (features_done - started) * 1000,
@@ -119,7 +175,32 @@ class Scorer:
                 record.value, k, pctr, categorical, numeric, flags_per_row, version, timings
             )
             k += len(record.value["candidates"])
+        self._observe(requests, len(rows), timings, version, len(result.dead_letters))
         return result
+
+    def _observe(
+        self,
+        requests: list[Record],
+        candidates: int,
+        timings: dict[str, float],
+        version: str,
+        rejected: int,
+    ) -> None:
+        m = self.metrics
+        m.requests.inc(len(requests))
+        m.candidates.inc(candidates)
+        m.dead_letters.inc(rejected)
+        m.batch_size.observe(len(requests))
+        for stage, ms in timings.items():
+            m.stage_ms.labels(stage).observe(ms)
+        now_ms = time.time() * 1000
+        for record in requests:
+            m.end_to_end_ms.observe(now_ms - record.value["event_time"])
+        if version == FALLBACK_VERSION:
+            m.fallbacks.inc(len(requests))
+            m.model_version.set(0)
+        else:
+            m.model_version.set(int(version))
 
     def _outputs(
         self,
@@ -144,6 +225,8 @@ class Scorer:
         ]
         best = max(range(len(scores)), key=lambda i: scores[i]["bid"] * scores[i]["pctr"])
         flags = sorted({f for i in range(len(candidates)) for f in flags_per_row[first + i]})
+        if version == FALLBACK_VERSION:
+            flags.append("fallback")
         winner = candidates[best]
         key = request["request_id"]
         return [

@@ -48,7 +48,9 @@ class TrafficStats:
             "clicks": self.clicks,
             "labels": self.labels,
             "positive_labels": self.positives,
-            "model_versions": dict(sorted(self.versions.items(), key=lambda kv: int(kv[0]))),
+            "model_versions": dict(
+                sorted(self.versions.items(), key=lambda kv: (len(kv[0]), kv[0]))
+            ),
             "scored_per_s": round(self.scored / max(elapsed, 1e-9), 1),
             "latency_p50_ms": round(float(np.percentile(lat, 50)), 2),
             "latency_p99_ms": round(float(np.percentile(lat, 99)), 2),

@@ -5,6 +5,10 @@ handler in batches; what it returns goes to sinks (topics with their codecs); re
 that cannot be processed go to the dead-letter topic with their reason, and the app
 keeps going.
 
+A handler that cannot go on (its downstream is down) raises ``RetryLater``: the app
+pauses its partitions and reads the same batch again later (backpressure, not an
+unbounded buffer).
+
 Delivery guarantees (``guarantee``):
 
 * ``at-least-once`` (default): after each batch the app produces the outputs, waits
@@ -29,7 +33,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from streaming.avro import AvroCodec
-from streaming.exceptions import DecodeError, DeliveryError
+from streaming.exceptions import DecodeError, DeliveryError, RetryLater
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,10 @@ class StreamApp:
         guarantee: ``at-least-once`` or ``exactly-once``.
         batch_size: most records per ``consume`` call.
         poll_timeout_s: how long ``consume`` waits for the first record.
+        instance_id: this worker's stable identity within the group. A worker restarted
+            with the same id takes its partitions back at once (static membership) and,
+            exactly-once, fences its crashed predecessor's open transaction (aborting it)
+            instead of waiting for timeouts. None: a fresh identity per process.
     """
 
     def __init__(
@@ -103,6 +111,7 @@ class StreamApp:
         guarantee: str = "at-least-once",
         batch_size: int = 500,
         poll_timeout_s: float = 0.1,
+        instance_id: str | None = None,
         consumer_config: dict[str, Any] | None = None,
     ) -> None:
         if guarantee not in ("at-least-once", "exactly-once"):
@@ -114,7 +123,13 @@ class StreamApp:
         self.guarantee = guarantee
         self.batch_size = batch_size
         self.poll_timeout_s = poll_timeout_s
-        self.counters = {"consumed": 0, "produced": 0, "dead_letters": 0, "batches": 0}
+        self.counters = {
+            "consumed": 0,
+            "produced": 0,
+            "dead_letters": 0,
+            "batches": 0,
+            "retried_batches": 0,
+        }
         self._consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap_servers,
@@ -123,6 +138,8 @@ class StreamApp:
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",
                 "max.poll.interval.ms": 60_000,
+                "session.timeout.ms": 10_000,  # a dead worker's partitions move within 10 s
+                **({"group.instance.id": instance_id} if instance_id else {}),
                 **(consumer_config or {}),
             }
         )
@@ -133,7 +150,8 @@ class StreamApp:
             "acks": "all",
         }
         if guarantee == "exactly-once":
-            producer_config["transactional.id"] = f"{group_id}-{name}-{uuid.uuid4().hex[:12]}"
+            identity = instance_id or uuid.uuid4().hex[:12]
+            producer_config["transactional.id"] = f"{group_id}-{name}-{identity}"
         self._producer = Producer(producer_config)
         self._delivery_errors: list[KafkaError] = []
         if guarantee == "exactly-once":
@@ -169,12 +187,39 @@ class StreamApp:
                     and time.monotonic() - last_input > max_idle_s
                 ):
                     break
-                result = handler(records)
+                try:
+                    result = handler(records)
+                except RetryLater as wait:
+                    log.warning(
+                        "%s: %s; retrying the batch in %.1fs", self.name, wait, wait.retry_after_s
+                    )
+                    self._rewind(messages, wait.retry_after_s, stop)
+                    continue
                 result.dead_letters.extend(bad)
                 if messages or result.outputs or result.dead_letters:
                     self.checkpoint(result, commit_policy(records))
         finally:
             self.close()
+
+    def _rewind(self, messages: list[Message], retry_after_s: float, stop: Event) -> None:
+        """Backpressure for a handler that cannot go on (RetryLater): pause every partition,
+        seek the batch's partitions back to its first offsets, wait while still polling (so
+        the group keeps this member), then resume: the same batch is read again. Nothing of
+        it was produced or committed, so nothing is lost."""
+        first: dict[tuple[str, int], int] = {}
+        for message in messages:
+            if message.error() is None:
+                key = (message.topic(), message.partition())
+                first[key] = min(first.get(key, message.offset()), message.offset())
+        assignment = self._consumer.assignment()
+        self._consumer.pause(assignment)
+        for (topic, partition), offset in first.items():
+            self._consumer.seek(TopicPartition(topic, partition, offset))
+        self.counters["retried_batches"] += 1
+        deadline = time.monotonic() + retry_after_s
+        while time.monotonic() < deadline and not stop.is_set():
+            self._consumer.consume(1, 0.1)  # paused: returns nothing, but serves the group
+        self._consumer.resume(assignment)
 
     def _decode(self, messages: list[Message]) -> tuple[list[Record], list[tuple[Message, str]]]:
         records: list[Record] = []

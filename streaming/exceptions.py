@@ -9,5 +9,13 @@ class DecodeError(StreamingError):
     """A record's bytes are not a valid record of the expected schema."""
 
 
+class RetryLater(StreamingError):
+    """The handler cannot process the batch now; the app re-reads it after ``retry_after_s``."""
+
+    def __init__(self, reason: str, retry_after_s: float) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+
+
 class DeliveryError(StreamingError):
     """The broker did not acknowledge a produced record; offsets stay uncommitted."""

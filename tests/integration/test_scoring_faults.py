@@ -1,0 +1,374 @@
+"""Scoring under faults: Triton outages, and the scoring process killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from camoe.feature_store import OnlineFeatures, apply_and_materialize, open_store
+from camoe.pipeline import write_settings
+from consumers.scoring import Scorer
+from services import triton
+from services.kafka import create_topics, group_members
+from services.process import stop_pid
+from services.triton import TritonClient
+from simulator.traffic import World
+from streaming.app import Record, StreamApp
+from streaming.avro import AvroCodec
+from tests.conftest import copy_repos
+from trainer.export import Publisher
+from trainer.model import build_served_camoe
+from trainer.train import fit
+
+REQUESTS = AvroCodec("ad_request")
+SCORES = AvroCodec("ad_scores")
+
+
+@pytest.fixture(scope="module")
+def world(services, tmp_path_factory):
+    """Own topics, feature repository and Triton (this test stops it), model version 1."""
+    settings, endpoints = services
+    root = tmp_path_factory.mktemp("trouble")
+    feature_repo, model_repo = copy_repos(root)
+    suffix = uuid.uuid4().hex[:6]
+    topics = settings.kafka.topics
+    renamed = topics.model_copy(
+        update={
+            name: spec.model_copy(update={"name": f"{spec.name}-{suffix}"})
+            for name, spec in ((f, getattr(topics, f)) for f in type(topics).model_fields)
+        }
+    )
+    s = settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(update={"topics": renamed}),
+            "feast": settings.feast.model_copy(
+                update={"repo_path": feature_repo, "online_store": "sqlite"}
+            ),
+            "triton": settings.triton.model_copy(update={"model_repo": model_repo}),
+        }
+    )
+    sim = World(s.simulator)
+    sim.write_offline_data(feature_repo / "data")
+    apply_and_materialize(open_store(s.feast))
+    create_topics(endpoints.kafka, s.kafka.topics.all())
+    server = {"log": root / "triton.log"}
+    server["pid"], server["grpc"], _ = triton.start_server(model_repo, server["log"], 90, [])
+    model = build_served_camoe(s)
+    history = sim.history(1000)
+    fit(model, history, epochs=1)
+    check = (history["categorical"][:8], history["numeric"][:8], history["format"][:8])
+    Publisher(model_repo, "camoe", TritonClient(server["grpc"])).publish(model, check)
+    yield s, endpoints, sim, server, model_repo
+    stop_pid(server["pid"])
+
+
+def _send(producer, topic, sim, rng, n):
+    ids = []
+    for _ in range(n):
+        request = sim.request(rng, int(time.time() * 1000))
+        producer.produce(topic, key=request["request_id"], value=REQUESTS.encode(request))
+        ids.append(request["request_id"])
+    assert producer.flush(10) == 0
+    return ids
+
+
+def _read_until(consumer, scores, expected, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while not expected <= set(scores) and time.monotonic() < deadline:
+        for message in consumer.consume(500, 0.2):
+            if message.error() is None:
+                value = SCORES.decode(message.value())
+                scores.setdefault(value["request_id"], []).append(value)
+
+
+@pytest.mark.parametrize("policy", ["fallback", "hold"])
+def test_triton_outage(world, policy):
+    settings, endpoints, sim, server, model_repo = world
+    s = settings.model_copy(
+        update={
+            "scoring": settings.scoring.model_copy(
+                update={"triton_policy": policy, "hold_retry_s": 0.5, "triton_retries": 2}
+            )
+        }
+    )
+    topics = s.kafka.topics
+    group = f"scoring-{policy}-{uuid.uuid4().hex[:6]}"
+    scorer = Scorer(
+        s,
+        OnlineFeatures(open_store(s.feast), s.feast.feature_service),
+        TritonClient(server["grpc"], timeout_s=1.0),
+    )
+    app = StreamApp(
+        "scoring",
+        endpoints.kafka,
+        group,
+        {topics.ad_requests.name: REQUESTS},
+        {topics.ad_scores.name: SCORES, topics.feature_log.name: AvroCodec("feature_log")},
+        topics.dead_letters.name,
+        batch_size=64,
+        poll_timeout_s=0.05,
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=app.run, args=(scorer, stop), daemon=True)
+    thread.start()
+    consumer = Consumer(
+        {
+            "bootstrap.servers": endpoints.kafka,
+            "group.id": uuid.uuid4().hex,
+            "auto.offset.reset": "latest",
+        }
+    )
+    consumer.subscribe([topics.ad_scores.name])
+    consumer.consume(1, 3.0)  # join before anything is produced
+    producer = Producer({"bootstrap.servers": endpoints.kafka})
+    rng = np.random.default_rng(1)
+    scores: dict[str, list[dict]] = {}
+    try:
+        before = set(_send(producer, topics.ad_requests.name, sim, rng, 200))
+        _read_until(consumer, scores, before, 60)
+        assert before <= set(scores)
+
+        grpc_port = int(server["grpc"].rsplit(":", 1)[1])
+        stop_pid(server["pid"])
+        during = set(_send(producer, topics.ad_requests.name, sim, rng, 200))
+        time.sleep(4)
+        server["pid"], server["grpc"], _ = triton.start_server(
+            model_repo, server["log"], 90, ["camoe"], grpc_port=grpc_port
+        )
+        after = set(_send(producer, topics.ad_requests.name, sim, rng, 200))
+        _read_until(consumer, scores, before | during | after, 90)
+    finally:
+        stop.set()
+        thread.join(30)
+        consumer.close()
+
+    sent = before | during | after
+    assert sent <= set(scores), f"{len(sent - set(scores))} requests never scored"
+    versions = {v["model_version"] for r in sent for v in scores[r]}
+    fallback = [v for r in during for v in scores[r] if v["model_version"] == "fallback"]
+    if policy == "fallback":
+        assert fallback, "no request was answered by the fallback during the outage"
+        assert all("fallback" in v["flags"] for v in fallback)
+        assert scorer.counts["fallback_batches"] > 0
+    else:
+        assert versions == {"1"}, versions  # held until Triton was back: real scores only
+        assert app.counters["retried_batches"] > 0
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_sigkill_loses_nothing(world, guarantee, tmp_path):
+    settings, endpoints, sim, server, _ = world
+    s = settings.model_copy(
+        update={
+            "scoring": settings.scoring.model_copy(
+                update={"guarantee": guarantee, "group_id": f"kill-{uuid.uuid4().hex[:6]}"}
+            ),
+            "triton": settings.triton.model_copy(update={"url": server["grpc"]}),
+            "kafka": settings.kafka.model_copy(update={"bootstrap_servers": endpoints.kafka}),
+            "stack": settings.stack.model_copy(update={"state_dir": tmp_path}),
+        }
+    )
+    topics = s.kafka.topics
+    n = 20_000
+    producer = Producer({"bootstrap.servers": endpoints.kafka, "linger.ms": 20})
+    sent = set(_send(producer, topics.ad_requests.name, sim, np.random.default_rng(7), n))
+    config = write_settings(s, tmp_path / "settings.yaml")
+    env = {**os.environ, "CAMOE_CONFIG": str(config)}
+    rng = np.random.default_rng(3)
+    kills = 0
+    log = (tmp_path / "score.log").open("ab")
+    try:
+        while kills < 5:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "camoe.cli", "score"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            deadline = time.monotonic() + 120
+            while group_members(endpoints.kafka, s.scoring.group_id) == 0:
+                assert process.poll() is None, f"scorer died; see {tmp_path / 'score.log'}"
+                assert time.monotonic() < deadline, "scorer did not join its group"
+                time.sleep(0.3)
+            time.sleep(float(rng.uniform(0.5, 3.0)))  # a random moment mid-batch
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+        process = subprocess.Popen(
+            [sys.executable, "-m", "camoe.cli", "score"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        consumer = Consumer(
+            {
+                "bootstrap.servers": endpoints.kafka,
+                "group.id": uuid.uuid4().hex,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+            }
+        )
+        consumer.subscribe([topics.ad_scores.name])
+        scores: dict[str, list[dict]] = {}
+        _read_until(consumer, scores, sent, 300)
+        time.sleep(2)  # late duplicates, if any, are counted too
+        _read_until(consumer, scores, sent | {"never"}, 3)
+        consumer.close()
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+    assert sent <= set(scores), f"{len(sent - set(scores))} of {n} requests never scored"
+    duplicates = sum(len(scores[r]) - 1 for r in sent)
+    if guarantee == "exactly-once":
+        assert duplicates == 0
+    else:
+        # Each kill can repeat at most the batch that was produced but not yet committed.
+        assert duplicates <= kills * s.scoring.batch_size, duplicates
+
+
+def _malformed(sim, rng, n):
+    """Valid requests, byte-level mutations of them, and well-formed but bad requests."""
+    records = []
+    for i in range(n):
+        request = sim.request(rng, int(time.time() * 1000))
+        kind = i % 6
+        if kind == 1:  # flip, cut or extend the encoded bytes
+            data = bytearray(REQUESTS.encode(request))
+            for _ in range(int(rng.integers(1, 4))):
+                data[int(rng.integers(len(data)))] = int(rng.integers(256))
+            cut = [bytes(data), bytes(data[: int(rng.integers(len(data)))]), bytes(data) + b"!"]
+            records.append(cut[int(rng.integers(3))])
+            continue
+        if kind == 2:  # not Avro, or another topic's record
+            records.append(
+                [
+                    bytes(rng.integers(0, 256, int(rng.integers(0, 64))).tolist()),
+                    AvroCodec("ad_click").encode(
+                        {"request_id": "r", "ad_id": "a", "user_id": "u", "event_time": 1}
+                    ),
+                ][int(rng.integers(2))]
+            )
+            continue
+        if kind == 3:
+            bad = int(rng.integers(6))
+            if bad == 0:
+                request["candidates"] = []
+            elif bad == 1:
+                request["candidates"] = request["candidates"] * 40  # over max_candidates
+            elif bad == 2:
+                request["candidates"][0]["format"] = "hologram"
+            elif bad == 3:
+                request["candidates"][0]["bid"] = float("nan")
+            elif bad == 4:
+                request["candidates"][0]["bid"] = -1.0
+            else:
+                request["candidates"][0]["bid"] = 1e300  # finite, but not as float32
+        if kind == 4:  # scored with defaults and flags: unknown user, ad, context values
+            request["user_id"] = f"stranger-{i}"
+            request["candidates"][0]["ad_id"] = f"unknown-ad-{i}"
+            request["context"].update(device="fridge", placement="moon", hour=99)
+        records.append(REQUESTS.encode(request))
+    return records
+
+
+def test_malformed_input_is_dead_lettered_or_flagged_never_fatal(world):
+    settings, endpoints, sim, server, _ = world
+    topics = settings.kafka.topics
+    scorer = Scorer(
+        settings,
+        OnlineFeatures(open_store(settings.feast), settings.feast.feature_service),
+        TritonClient(server["grpc"]),
+    )
+    app = StreamApp(
+        "scoring",
+        endpoints.kafka,
+        f"fuzz-{uuid.uuid4().hex[:6]}",
+        {topics.ad_requests.name: REQUESTS},
+        {topics.ad_scores.name: SCORES, topics.feature_log.name: AvroCodec("feature_log")},
+        topics.dead_letters.name,
+        batch_size=64,
+        poll_timeout_s=0.05,
+    )
+    n = 3_000
+    records = _malformed(sim, np.random.default_rng(11), n)
+    start_scores = _end_offsets(endpoints.kafka, topics.ad_scores.name)
+    start_letters = _end_offsets(endpoints.kafka, topics.dead_letters.name)
+    producer = Producer({"bootstrap.servers": endpoints.kafka})
+    for data in records:
+        producer.produce(topics.ad_requests.name, value=data)
+    assert producer.flush(10) == 0
+    app.run(scorer, threading.Event(), max_idle_s=5.0)  # returns when the input is drained
+
+    scored = _read_from(endpoints.kafka, topics.ad_scores.name, start_scores, SCORES)
+    letters = _read_from(
+        endpoints.kafka, topics.dead_letters.name, start_letters, AvroCodec("dead_letter")
+    )
+    assert app.counters["consumed"] == n
+    assert len(scored) + len(letters) == n, (len(scored), len(letters))
+    assert all(letter["reason"] and letter["consumer"] == "scoring" for letter in letters)
+    reasons = " ".join(letter["reason"] for letter in letters)
+    for expected in ("no candidates", "more than", "unknown format", "invalid bid", "not an Avro"):
+        assert expected in reasons, expected
+    flagged = [s for s in scored if {"unknown_user", "unknown_ad"} <= set(s["flags"])]
+    assert len(flagged) >= n // 6 - 5  # every stranger request scored, and flagged
+    assert all(np.isfinite(c["pctr"]) for s in scored for c in s["scores"])
+
+
+def _end_offsets(bootstrap, topic):
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex})
+    metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+    ends = {
+        p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+        for p in metadata.partitions
+    }
+    consumer.close()
+    return ends
+
+
+def _read_from(bootstrap, topic, starts, codec):
+    end = _end_offsets(bootstrap, topic)
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex})
+    consumer.assign([TopicPartition(topic, p, o) for p, o in starts.items()])
+    values, remaining = [], sum(end[p] - starts[p] for p in starts)
+    deadline = time.monotonic() + 60
+    while remaining > 0 and time.monotonic() < deadline:
+        for message in consumer.consume(500, 0.5):
+            if message.error() is None:
+                values.append(codec.decode(message.value()))
+                remaining -= 1
+    consumer.close()
+    return values
+
+
+def test_metrics_are_served_on_loopback(world):
+    settings, _, sim, server, _ = world
+    scorer = Scorer(
+        settings,
+        OnlineFeatures(open_store(settings.feast), settings.feast.feature_service),
+        TritonClient(server["grpc"]),
+    )
+    rng = np.random.default_rng(5)
+    records = [
+        Record("t", 0, i, None, sim.request(rng, int(time.time() * 1000)), b"") for i in range(10)
+    ]
+    scorer(records)
+    port = scorer.metrics.serve(0)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "camoe_scoring_requests_total 10.0" in text
+    assert (
+        f"camoe_scoring_candidates_total {10 * settings.simulator.candidates_per_request}.0" in text
+    )
+    assert 'camoe_scoring_stage_ms_count{stage="inference"} 1.0' in text
+    assert "camoe_scoring_model_version 1.0" in text
