@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 from threading import Event
 
-import torch
-
 from camoe.feature_store import OnlineFeatures, counter_pusher, open_store
 from camoe.settings import Settings
 from consumers.labeler import Labeler
@@ -16,9 +14,6 @@ from services.stack import Endpoints, Stack
 from services.triton import TritonClient
 from streaming.app import StreamApp
 from streaming.avro import codec_for
-from trainer.export import Publisher
-from trainer.model import build_served_camoe
-from trainer.train import IncrementalTrainer
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +124,13 @@ def run_labeler(settings: Settings, stop: Event) -> None:
 
 
 def run_trainer(settings: Settings, stop: Event) -> None:
+    # torch only here: the scorer and the labeler start faster without it.
+    import torch
+
+    from trainer.export import Publisher
+    from trainer.model import build_served_camoe
+    from trainer.train import IncrementalTrainer
+
     endpoints = endpoints_for(settings, "kafka", "triton")
     checkpoint = settings.trainer.checkpoint_dir / "model.pt"
     if not checkpoint.exists():

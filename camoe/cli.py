@@ -34,7 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     stack = commands.add_parser("stack", help="local services")
     stack.add_argument("action", choices=["up", "down", "status"])
     commands.add_parser("prepare", help="Feast apply + materialise, model version 1")
-    for name in ("score", "label", "train"):
+    score = commands.add_parser("score", help="run the scoring consumer")
+    score.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="scoring processes sharing the partitions of ad-requests",
+    )
+    for name in ("label", "train"):
         commands.add_parser(name, help=f"run the {name} component")
     bench = commands.add_parser("bench", help="benchmarks that print and save figures")
     bench.add_argument("name", choices=["quality"])
@@ -88,6 +95,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
         prepare(settings, Stack(settings).endpoints())
         return 0
+    if args.command == "score" and args.workers > 1:
+        from camoe.pipeline import supervise
+
+        return supervise(settings, Stack(settings).endpoints(), args.workers, _stop_event())
     if args.command in ("score", "label", "train"):
         from camoe import apps
 

@@ -82,31 +82,52 @@ def apply_and_materialize(store: Any) -> None:
 
 
 class OnlineFeatures:
-    """Reads user and ad features for many (user, ad) pairs in one Feast call."""
+    """Reads the model's user and ad features for (user, ad) pairs from the online store.
+
+    A batch of requests names few distinct users and ads many times over, so each distinct
+    user and each distinct ad is read once (one Feast call per entity), not once per pair.
+    The features are those of the feature service (the model's input contract).
+    """
 
     def __init__(self, store: Any, feature_service: str) -> None:
         self._store = store
-        self._service = store.get_feature_service(feature_service)
+        service = store.get_feature_service(feature_service)
+        refs = {
+            f"{projection.name_to_use()}:{feature.name}": feature.name
+            for projection in service.feature_view_projections
+            for feature in projection.features
+        }
+        self._user_refs = [r for r, name in refs.items() if name in USER_FEATURES]
+        self._ad_refs = [r for r, name in refs.items() if name in AD_FEATURES]
+
+    def _read(
+        self, refs: list[str], key: str, ids: list[str], names: list[str], profile: str
+    ) -> dict[str, dict[str, Any]]:
+        response = self._store.get_online_features(
+            features=refs, entity_rows=[{key: i} for i in ids]
+        ).to_dict()
+        found = {}
+        for k, entity in enumerate(ids):
+            # One the store has never seen comes back with all-None profile values.
+            if response[profile][k] is not None:
+                found[entity] = {name: response[name][k] for name in names}
+        return found
 
     def read(self, pairs: list[tuple[str, str]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """(user features, ad features) per pair; ``{}`` for an unknown user or ad."""
         if not pairs:
             return []
-        response = self._store.get_online_features(
-            features=self._service,
-            entity_rows=[{"user_id": u, "ad_id": a} for u, a in pairs],
-        ).to_dict()
-        rows = []
-        for i in range(len(pairs)):
-            user = {name: response[name][i] for name in USER_FEATURES}
-            ad = {name: response[name][i] for name in AD_FEATURES}
-            # A user or ad the store has never seen comes back as all-None profile values.
-            rows.append(
-                (
-                    user if user[USER_PROFILE[0]] is not None else {},
-                    ad if ad[AD_PROFILE[0]] is not None else {},
-                )
-            )
-        return rows
+        users = self._read(
+            self._user_refs,
+            "user_id",
+            sorted({u for u, _ in pairs}),
+            USER_FEATURES,
+            USER_PROFILE[0],
+        )
+        ads = self._read(
+            self._ad_refs, "ad_id", sorted({a for _, a in pairs}), AD_FEATURES, AD_PROFILE[0]
+        )
+        return [(users.get(u, {}), ads.get(a, {})) for u, a in pairs]
 
 
 def counter_pusher(store: Any) -> Any:

@@ -17,6 +17,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from camoe.feature_store import OnlineFeatures, apply_and_materialize, open_store
 from camoe.pipeline import write_settings
+from camoe.settings import TopicSpec
 from consumers.scoring import Scorer
 from services import triton
 from services.kafka import create_topics, group_members
@@ -165,69 +166,79 @@ def test_triton_outage(world, policy):
         assert app.counters["retried_batches"] > 0
 
 
-@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
-def test_sigkill_loses_nothing(world, guarantee, tmp_path):
-    settings, endpoints, sim, server, _ = world
+def _scoring_settings(world, tmp_path, **scoring):
+    """The world's settings for `camoe score` subprocesses, written to a config file."""
+    settings, endpoints, _, server, _ = world
     s = settings.model_copy(
         update={
             "scoring": settings.scoring.model_copy(
-                update={"guarantee": guarantee, "group_id": f"kill-{uuid.uuid4().hex[:6]}"}
+                update={"group_id": f"scoring-{uuid.uuid4().hex[:6]}", **scoring}
             ),
             "triton": settings.triton.model_copy(update={"url": server["grpc"]}),
             "kafka": settings.kafka.model_copy(update={"bootstrap_servers": endpoints.kafka}),
             "stack": settings.stack.model_copy(update={"state_dir": tmp_path}),
         }
     )
-    topics = s.kafka.topics
+    return s, write_settings(s, tmp_path / "settings.yaml")
+
+
+def _start_scorer(config, log, worker=0):
+    env = {**os.environ, "CAMOE_CONFIG": str(config), "CAMOE_WORKER_ID": str(worker)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "camoe.cli", "score"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+def _wait_members(bootstrap, group, n, processes, log_path, timeout_s=120):
+    deadline = time.monotonic() + timeout_s
+    while group_members(bootstrap, group) < n:
+        assert all(p.poll() is None for p in processes), f"a scorer died; see {log_path}"
+        assert time.monotonic() < deadline, f"scorers did not join their group; see {log_path}"
+        time.sleep(0.3)
+
+
+def _all_scores(bootstrap, topic, sent, timeout_s):
+    """Every score of ``sent`` requests in the committed output, duplicates included."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": uuid.uuid4().hex,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }
+    )
+    consumer.subscribe([topic])
+    scores: dict[str, list[dict]] = {}
+    _read_until(consumer, scores, sent, timeout_s)
+    _read_until(consumer, scores, sent | {"late duplicates"}, 3)
+    consumer.close()
+    return scores
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_sigkill_loses_nothing(world, guarantee, tmp_path):
+    _, endpoints, sim, _, _ = world
+    s, config = _scoring_settings(world, tmp_path, guarantee=guarantee)
     n = 20_000
     producer = Producer({"bootstrap.servers": endpoints.kafka, "linger.ms": 20})
-    sent = set(_send(producer, topics.ad_requests.name, sim, np.random.default_rng(7), n))
-    config = write_settings(s, tmp_path / "settings.yaml")
-    env = {**os.environ, "CAMOE_CONFIG": str(config)}
+    sent = set(_send(producer, s.kafka.topics.ad_requests.name, sim, np.random.default_rng(7), n))
     rng = np.random.default_rng(3)
     kills = 0
-    log = (tmp_path / "score.log").open("ab")
-    try:
+    log_path = tmp_path / "score.log"
+    with log_path.open("ab") as log:
         while kills < 5:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "camoe.cli", "score"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            deadline = time.monotonic() + 120
-            while group_members(endpoints.kafka, s.scoring.group_id) == 0:
-                assert process.poll() is None, f"scorer died; see {tmp_path / 'score.log'}"
-                assert time.monotonic() < deadline, "scorer did not join its group"
-                time.sleep(0.3)
+            process = _start_scorer(config, log)
+            _wait_members(endpoints.kafka, s.scoring.group_id, 1, [process], log_path)
             time.sleep(float(rng.uniform(0.5, 3.0)))  # a random moment mid-batch
             process.send_signal(signal.SIGKILL)
             process.wait()
             kills += 1
-        process = subprocess.Popen(
-            [sys.executable, "-m", "camoe.cli", "score"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        consumer = Consumer(
-            {
-                "bootstrap.servers": endpoints.kafka,
-                "group.id": uuid.uuid4().hex,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-            }
-        )
-        consumer.subscribe([topics.ad_scores.name])
-        scores: dict[str, list[dict]] = {}
-        _read_until(consumer, scores, sent, 300)
-        time.sleep(2)  # late duplicates, if any, are counted too
-        _read_until(consumer, scores, sent | {"never"}, 3)
-        consumer.close()
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
+        process = _start_scorer(config, log)
+        try:
+            scores = _all_scores(endpoints.kafka, s.kafka.topics.ad_scores.name, sent, 300)
+        finally:
+            process.terminate()
+            process.wait(30)
 
     assert sent <= set(scores), f"{len(sent - set(scores))} of {n} requests never scored"
     duplicates = sum(len(scores[r]) - 1 for r in sent)
@@ -236,6 +247,34 @@ def test_sigkill_loses_nothing(world, guarantee, tmp_path):
     else:
         # Each kill can repeat at most the batch that was produced but not yet committed.
         assert duplicates <= kills * s.scoring.batch_size, duplicates
+
+
+def test_killed_workers_partitions_move_to_the_other(world, tmp_path):
+    _, endpoints, sim, _, _ = world
+    s, config = _scoring_settings(world, tmp_path)
+    log_path = tmp_path / "score.log"
+    with log_path.open("ab") as log:
+        workers = [_start_scorer(config, log, worker) for worker in (0, 1)]
+        try:
+            _wait_members(endpoints.kafka, s.scoring.group_id, 2, workers, log_path)
+            producer = Producer({"bootstrap.servers": endpoints.kafka, "linger.ms": 20})
+            sent = set(
+                _send(
+                    producer, s.kafka.topics.ad_requests.name, sim, np.random.default_rng(9), 8_000
+                )
+            )
+            time.sleep(2)
+            workers[1].send_signal(signal.SIGKILL)
+            workers[1].wait()
+            scores = _all_scores(endpoints.kafka, s.kafka.topics.ad_scores.name, sent, 180)
+            members = group_members(endpoints.kafka, s.scoring.group_id)
+        finally:
+            for worker in workers:
+                worker.terminate()
+                worker.wait(30)
+    assert sent <= set(scores), f"{len(sent - set(scores))} requests never scored"
+    assert members == 1  # the survivor holds all four partitions
+    assert log_path.read_text().count("assigned 2 partitions") >= 2  # they shared at first
 
 
 def _malformed(sim, rng, n):
@@ -286,6 +325,8 @@ def _malformed(sim, rng, n):
 def test_malformed_input_is_dead_lettered_or_flagged_never_fatal(world):
     settings, endpoints, sim, server, _ = world
     topics = settings.kafka.topics
+    source = f"fuzz-requests-{uuid.uuid4().hex[:6]}"  # holds only this test's records
+    create_topics(endpoints.kafka, [TopicSpec(name=source, partitions=4)])
     scorer = Scorer(
         settings,
         OnlineFeatures(open_store(settings.feast), settings.feast.feature_service),
@@ -295,7 +336,7 @@ def test_malformed_input_is_dead_lettered_or_flagged_never_fatal(world):
         "scoring",
         endpoints.kafka,
         f"fuzz-{uuid.uuid4().hex[:6]}",
-        {topics.ad_requests.name: REQUESTS},
+        {source: REQUESTS},
         {topics.ad_scores.name: SCORES, topics.feature_log.name: AvroCodec("feature_log")},
         topics.dead_letters.name,
         batch_size=64,
@@ -307,7 +348,7 @@ def test_malformed_input_is_dead_lettered_or_flagged_never_fatal(world):
     start_letters = _end_offsets(endpoints.kafka, topics.dead_letters.name)
     producer = Producer({"bootstrap.servers": endpoints.kafka})
     for data in records:
-        producer.produce(topics.ad_requests.name, value=data)
+        producer.produce(source, value=data)
     assert producer.flush(10) == 0
     app.run(scorer, threading.Event(), max_idle_s=5.0)  # returns when the input is drained
 
