@@ -125,18 +125,14 @@ def run_labeler(settings: Settings, stop: Event) -> None:
 
 def run_trainer(settings: Settings, stop: Event) -> None:
     # torch only here: the scorer and the labeler start faster without it.
-    import torch
-
     from trainer.export import Publisher
-    from trainer.model import build_served_camoe
-    from trainer.train import IncrementalTrainer
+    from trainer.train import IncrementalTrainer, load_model
 
     endpoints = endpoints_for(settings, "kafka", "triton")
     checkpoint = settings.trainer.checkpoint_dir / "model.pt"
-    if not checkpoint.exists():
-        raise NotRunningError(f"no trained model at {checkpoint}: run `camoe prepare` first")
-    model = build_served_camoe(settings)
-    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    model = load_model(settings, checkpoint)
+    if model is None:
+        raise NotRunningError(f"no usable model at {checkpoint}: run `camoe prepare` first")
     client = TritonClient(endpoints.triton, settings.triton.model_name, settings.triton.timeout_s)
     publisher = Publisher(settings.triton.model_repo, settings.triton.model_name, client)
     trainer = IncrementalTrainer(

@@ -26,7 +26,7 @@ from simulator.driver import TrafficDriver, TrafficStats
 from simulator.traffic import World
 from trainer.export import Publisher, versions
 from trainer.model import build_served_camoe
-from trainer.train import calibrate, fit, save_model
+from trainer.train import calibrate, fit, load_model, save_model
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def prepare(settings: Settings, endpoints: Endpoints) -> None:
     client = (
         TritonClient(endpoints.triton, settings.triton.model_name) if endpoints.triton else None
     )
-    if versions(model_dir) and checkpoint.exists():
+    if versions(model_dir) and load_model(settings, checkpoint) is not None:
         if client is not None:
             client.load()
         return

@@ -22,7 +22,7 @@ from camoe.features import FORMATS
 from camoe.settings import Settings
 from streaming.app import BatchResult, Output, Record
 from trainer.export import Publisher, PublishError
-from trainer.model import masked_bce, select_task, validate_batch
+from trainer.model import build_served_camoe, masked_bce, select_task, validate_batch
 from trainer.modules import Calibrated, InputEncoder
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,20 @@ def calibrate(model: Calibrated, data: dict[str, np.ndarray]) -> None:
     task = task_of(model, categorical, torch.from_numpy(data["format"]))
     raw = model.raw_logits(categorical, torch.from_numpy(data["numeric"]))
     model.fit(raw.gather(1, task.view(-1, 1)).view(-1), torch.from_numpy(data["label"]), task)
+
+
+def load_model(settings: Settings, path: Path) -> Calibrated | None:
+    """The served model's weights from ``path``; None when absent or made for another
+    model shape (then the caller trains afresh)."""
+    if not path.exists():
+        return None
+    model = build_served_camoe(settings)
+    try:
+        model.load_state_dict(torch.load(path, weights_only=True))
+    except (RuntimeError, ValueError) as error:
+        log.warning("%s does not fit the current model (%s)", path, str(error).splitlines()[0])
+        return None
+    return model.eval()
 
 
 def save_model(model: nn.Module, path: Path) -> None:
