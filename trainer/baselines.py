@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from camoe.features import CONTENT_TYPES
-from trainer.modules import MLP, CrossNet, Expert, Gate, InputEncoder
+from trainer.modules import MLP, CrossNet, Expert, Gate, InputEncoder, Tower
 
 CONTENT_TYPE_COLUMN = 1  # position of content_type in the categorical layout
 
@@ -36,13 +36,12 @@ class GlobalDCN(nn.Module):
         self.encoder = InputEncoder(cardinalities, n_numeric, embedding_dim)
         width = self.encoder.out_features
         self._cross = CrossNet(width, cross_layers)
-        self._mlp = MLP(width, hidden or [64, 32])
-        self._out = nn.Linear(self._mlp.out_features, 1)
+        self._head = Tower(width, hidden or [64, 32])
         self._n_tasks = n_tasks
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         x = self.encoder(categorical, numeric)  # (B, D)
-        logit = self._out(self._mlp(self._cross(x)))  # (B, 1)
+        logit = self._head(self._cross(x))  # (B, 1)
         return logit.expand(-1, self._n_tasks)  # (B, T)
 
 
@@ -91,10 +90,7 @@ class SharedBottom(nn.Module):
         self._bottom = MLP(self.encoder.out_features, hidden or [64, 32])
         tower_hidden = tower_hidden or [16]
         self._towers = nn.ModuleList(
-            nn.Sequential(
-                MLP(self._bottom.out_features, tower_hidden), nn.Linear(tower_hidden[-1], 1)
-            )
-            for _ in range(n_tasks)
+            Tower(self._bottom.out_features, tower_hidden) for _ in range(n_tasks)
         )
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
@@ -125,10 +121,7 @@ class MMoE(nn.Module):
         tower_hidden = tower_hidden or [16]
         self._experts = nn.ModuleList(Expert(width, 0, expert_hidden) for _ in range(num_experts))
         self._gates = nn.ModuleList(Gate(width, num_experts) for _ in range(n_tasks))
-        self._towers = nn.ModuleList(
-            nn.Sequential(MLP(expert_hidden[-1], tower_hidden), nn.Linear(tower_hidden[-1], 1))
-            for _ in range(n_tasks)
-        )
+        self._towers = nn.ModuleList(Tower(expert_hidden[-1], tower_hidden) for _ in range(n_tasks))
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         x = self.encoder(categorical, numeric)  # (B, D)

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from camoe.features import FORMATS, FeatureLayout
 from camoe.settings import Settings
-from trainer.modules import MLP, Calibrated, Expert, Gate, InputEncoder
+from trainer.modules import Calibrated, Expert, Gate, InputEncoder, Tower
 
 
 class CAMoE(nn.Module):
@@ -68,10 +68,7 @@ class CAMoE(nn.Module):
         n_gate = shared_experts + experts_per_group
         self.gates = nn.ModuleList(Gate(width, n_gate) for _ in formats)
         hidden = expert_hidden[-1]
-        self.towers = nn.ModuleList(
-            nn.Sequential(MLP(hidden, tower_hidden), nn.Linear(tower_hidden[-1], 1))
-            for _ in formats
-        )
+        self.towers = nn.ModuleList(Tower(hidden, tower_hidden) for _ in formats)
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         x = self.encoder(categorical, numeric)  # (B, D)

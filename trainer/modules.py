@@ -62,6 +62,26 @@ class MLP(nn.Module):
         return self._net(x)
 
 
+class Tower(nn.Module):
+    """A task's head: an MLP, then one logit.
+
+    Shapes: input (B, N) -> logit (B, 1).
+
+    Example::
+
+        tower = Tower(32, hidden=[16])
+        logit = tower(torch.randn(4, 32))  # (4, 1)
+    """
+
+    def __init__(self, in_features: int, hidden: list[int]) -> None:
+        super().__init__()
+        self._mlp = MLP(in_features, hidden)
+        self._out = nn.Linear(self._mlp.out_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._out(self._mlp(x))
+
+
 class Expert(nn.Module):
     """A CAMoE expert: a DCN-v2 cross block followed by an MLP (cross block optional,
     for the "without DCN" ablation).
