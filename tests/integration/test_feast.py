@@ -34,6 +34,36 @@ def test_materialised_features_read_back(services, tmp_path, online_store):
     assert rows[0][0]["user_impressions"] == 0
 
     counter_pusher(store)({"u1": [5, 2]}, {"a3": [9, 1]})
-    user, ad = features.read([("u1", "a3")])[0]
+    user, ad = features.read([("u1", "a3")])[0]  # a3's profile now from the cache
     assert (user["user_impressions"], user["user_clicks"]) == (5, 2)
-    assert (ad["ad_impressions"], ad["ad_clicks"]) == (9, 1)
+    assert (ad["ad_impressions"], ad["ad_clicks"]) == (9, 1)  # counters are never cached
+
+
+@pytest.mark.parametrize("online_store", ["sqlite", "redis"])
+def test_fast_reader_equals_get_online_features(services, tmp_path, online_store):
+    """The scorer's reader returns exactly what Feast's get_online_features returns."""
+    settings, endpoints = services
+    repo = tmp_path / "feature_repo"
+    shutil.copytree(settings.feast.repo_path, repo, ignore=shutil.ignore_patterns("data"))
+    World(settings.simulator).write_offline_data(repo / "data")
+    store = open_store(FeastSettings(repo_path=repo, online_store=online_store), endpoints.redis)
+    apply_and_materialize(store)
+    counter_pusher(store)({"u3": [7, 1]}, {"a5": [11, 2]})
+    service = store.get_feature_service(settings.feast.feature_service)
+    users = [f"u{i}" for i in range(0, 400, 7)] + ["stranger"]
+    ads = [f"a{i}" for i in range(0, 200, 3)] + ["unknown-ad"]
+    pairs = [(u, ads[k % len(ads)]) for k, u in enumerate(users)] + [("u3", "a5")]
+
+    expected = store.get_online_features(
+        features=service, entity_rows=[{"user_id": u, "ad_id": a} for u, a in pairs]
+    ).to_dict()
+    for cache_s in (0.0, 30.0):
+        reader = OnlineFeatures(store, settings.feast.feature_service, cache_s=cache_s)
+        for _ in range(2):  # the second pass is served partly from the cache
+            rows = reader.read(pairs)
+            for k, (user, ad) in enumerate(rows):
+                for name, values in expected.items():
+                    if name in ("user_id", "ad_id"):
+                        continue
+                    got = {**user, **ad}.get(name)
+                    assert got == values[k], (pairs[k], name, got, values[k])
