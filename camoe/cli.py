@@ -25,6 +25,10 @@ def _stop_event() -> Event:
     return stop
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="camoe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -44,9 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("label", "train"):
         commands.add_parser(name, help=f"run the {name} component")
     bench = commands.add_parser("bench", help="benchmarks that print and save figures")
-    bench.add_argument("name", choices=["quality"])
+    bench.add_argument("name", choices=["quality", "scoring"])
     bench.add_argument("--out", type=Path, required=True, help="folder for results and plots")
-    bench.add_argument("--seeds", type=int, default=None, help="default: bench.seeds")
+    bench.add_argument("--seeds", type=int, default=None, help="quality: default bench.seeds")
+    bench.add_argument(
+        "--requests", type=int, default=20_000, help="scoring: requests drained at saturation"
+    )
+    bench.add_argument(
+        "--rate", type=float, default=1000.0, help="scoring: offered load, requests/s"
+    )
+    bench.add_argument(
+        "--seconds", type=float, default=20.0, help="scoring: duration of the offered load"
+    )
     bench.add_argument(
         "--sim-config",
         type=Path,
@@ -69,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     from camoe.apps import NotRunningError
     from services.exceptions import StackError
 
+    if args.command not in ("score", "label", "train"):
+        # Long commands own services and processes: SIGTERM unwinds them like Ctrl-C, so
+        # their cleanup runs (the components handle SIGTERM themselves, gracefully).
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         settings = Settings()
         return _run(args, settings)
@@ -106,6 +123,18 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             args.command
         ]
         run(settings, _stop_event())
+        return 0
+    if args.command == "bench" and args.name == "scoring":
+        from bench import scoring
+
+        scoring.run(
+            settings,
+            args.out,
+            args.requests,
+            args.rate,
+            args.seconds,
+            progress=lambda line: print(line, flush=True),
+        )
         return 0
     if args.command == "bench":
         from bench import quality

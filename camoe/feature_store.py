@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -76,7 +76,13 @@ def apply_and_materialize(store: Any) -> None:
     objects = [value for value in vars(module).values() if isinstance(value, kinds)]
     store.apply(objects)
     log.info("feast: applied %d objects from %s", len(objects), repo)
-    store.materialize_incremental(end_date=datetime.now(UTC))
+    # The whole history, not materialize_incremental: the registry remembers the last
+    # run, but a freshly started online store (a new Redis) holds nothing of it.
+    now = datetime.now(UTC)
+    store.materialize(start_date=now - MATERIALIZE_HISTORY, end_date=now)
+
+
+MATERIALIZE_HISTORY = timedelta(days=366)  # the longest feature-view TTL, plus a day
 
 
 class OnlineFeatures:

@@ -20,6 +20,7 @@ from confluent_kafka import Consumer, Producer
 
 from camoe.settings import Settings
 from simulator.traffic import World
+from streaming.app import consume_batch
 from streaming.avro import AvroCodec
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class TrafficDriver:
         self.stats.requests += 1
 
     def _read(self, timeout_s: float) -> None:
-        for message in self._consumer.consume(500, timeout_s):
+        for message in consume_batch(self._consumer, 500, timeout_s):
             if message.error() is not None:
                 continue
             topic = message.topic()

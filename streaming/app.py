@@ -72,6 +72,16 @@ Handler = Callable[[list[Record]], BatchResult]
 CommitPolicy = Callable[[list[Record]], list[TopicPartition]]
 
 
+def consume_batch(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
+    """Waits up to ``timeout_s`` for the first message, then takes what is already fetched,
+    up to ``max_messages``. ``consume(n, timeout)`` alone waits the whole timeout unless n
+    messages arrive: at low rates that wait would be most of every request's latency."""
+    first = consumer.poll(timeout_s)
+    if first is None:
+        return []
+    return [first, *consumer.consume(max_messages - 1, 0)] if max_messages > 1 else [first]
+
+
 def next_offsets(records: list[Record]) -> list[TopicPartition]:
     """The default commit: every consumed record is done once its outputs are acknowledged."""
     latest: dict[tuple[str, int], int] = {}
@@ -177,7 +187,7 @@ class StreamApp:
         self._consumer.subscribe(list(self.sources), on_assign=on_assign)
         try:
             while not stop.is_set():
-                messages = self._consumer.consume(self.batch_size, self.poll_timeout_s)
+                messages = consume_batch(self._consumer, self.batch_size, self.poll_timeout_s)
                 records, bad = self._decode(messages)
                 if messages:
                     last_input = time.monotonic()

@@ -1,0 +1,379 @@
+"""Scoring benchmark: the scoring consumer through the real broker, Feast (Redis) and
+Triton, next to three floors measured in the same run.
+
+* saturation: ``requests`` requests are produced first, then a fresh scoring process
+  drains them; requests/s and candidates/s from its first to its last score.
+* fixed load: ``rate`` requests/s for ``seconds`` (4 candidates each, as the simulator
+  makes them) into the running scorer; latency is request event time to the scores
+  record read back, p50 / p99, with a histogram.
+* floors, each the same work done by the simplest real thing:
+  - Kafka passthrough: consume the same requests, decode, encode, produce, flush;
+  - model forward: the in-process CAMoE forward on the same batches (torch, no Triton);
+  - Redis read: the same feature hashes read with one pipelined HMGET per entity and
+    view, without Feast (no protobuf parsing, no response building).
+Every figure is reported with its ratio to the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Consumer, Producer
+
+from camoe.features import FORMATS, FeatureLayout
+from camoe.pipeline import prepare, write_settings
+from camoe.settings import Settings, TopicSpec
+from services.kafka import create_topics
+from services.stack import Endpoints, Stack
+from simulator.traffic import World
+from streaming.app import consume_batch
+from streaming.avro import AvroCodec
+
+log = logging.getLogger(__name__)
+
+REQUESTS = AvroCodec("ad_request")
+SCORES = AvroCodec("ad_scores")
+
+
+def _bench_settings(settings: Settings, endpoints: Endpoints, state: Path) -> Settings:
+    """Own topics (so earlier traffic never counts), Redis as the online store, and the
+    running services' addresses for the scoring subprocess."""
+    suffix = uuid.uuid4().hex[:6]
+    topics = settings.kafka.topics
+    renamed = topics.model_copy(
+        update={
+            name: getattr(topics, name).model_copy(
+                update={"name": f"bench-{getattr(topics, name).name}-{suffix}"}
+            )
+            for name in type(topics).model_fields
+        }
+    )
+    return settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(
+                update={"topics": renamed, "bootstrap_servers": endpoints.kafka}
+            ),
+            "triton": settings.triton.model_copy(update={"url": endpoints.triton}),
+            "redis": settings.redis.model_copy(update={"url": endpoints.redis}),
+            "feast": settings.feast.model_copy(update={"online_store": "redis"}),
+            "scoring": settings.scoring.model_copy(update={"group_id": f"bench-scoring-{suffix}"}),
+            "stack": settings.stack.model_copy(update={"state_dir": state}),
+        }
+    )
+
+
+def _produce(
+    bootstrap: str,
+    topic: str,
+    requests: list[dict[str, Any]],
+    rate: float | None = None,
+    stamp: bool = True,
+) -> None:
+    """Produces requests, at ``rate`` per second when given; event_time = produce time."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    started = time.monotonic()
+    for i, request in enumerate(requests):
+        if rate is not None:
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        if stamp:
+            request["event_time"] = int(time.time() * 1000)
+        producer.produce(topic, key=request["request_id"], value=REQUESTS.encode(request))
+        producer.poll(0)
+    producer.flush(30)
+
+
+class ScoreReader:
+    """Reads ad-scores back; keeps (receive time, event time) per request."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": uuid.uuid4().hex,
+                "auto.offset.reset": "earliest",
+            }
+        )
+        self._consumer.subscribe([topic])
+        self.received: dict[str, tuple[float, int]] = {}
+        self.stages: list[dict[str, float]] = []  # the scorer's own per-batch timings
+
+    def read_until(self, expected: set[str], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not expected <= set(self.received) and time.monotonic() < deadline:
+            for message in consume_batch(self._consumer, 1000, 0.1):
+                if message.error() is None:
+                    now = time.time() * 1000
+                    value = SCORES.decode(message.value())
+                    self.received.setdefault(value["request_id"], (now, value["event_time"]))
+                    self.stages.append(value["timings_ms"])
+        missing = expected - set(self.received)
+        if missing:
+            raise RuntimeError(f"{len(missing)} requests were not scored within {timeout_s}s")
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def _start_scorer(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "camoe.cli", "score"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "CAMOE_CONFIG": str(config)},
+        )
+
+
+def passthrough_floor(bootstrap: str, source: str, sink: str, n: int) -> float:
+    """Requests/s of a raw consume-decode-encode-produce loop over the same records."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": uuid.uuid4().hex,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    consumer.subscribe([source])
+    done, started = 0, None
+    deadline = time.monotonic() + 120
+    while done < n and time.monotonic() < deadline:
+        messages = consumer.consume(500, 0.5)
+        if messages and started is None:
+            started = time.monotonic()
+        for message in messages:
+            if message.error() is None:
+                producer.produce(sink, value=REQUESTS.encode(REQUESTS.decode(message.value())))
+                done += 1
+        producer.poll(0)
+        if messages:
+            consumer.commit(asynchronous=False)
+    if producer.flush(30):
+        raise RuntimeError(f"passthrough: records to {sink} were not acknowledged")
+    consumer.close()
+    return done / (time.monotonic() - (started or time.monotonic()))
+
+
+def forward_floor(
+    settings: Settings, world: World, requests: list[dict[str, Any]], batch: int
+) -> float:
+    """Candidates/s of the in-process CAMoE forward on the same batches."""
+    import torch
+
+    from trainer.model import ServingModel
+    from trainer.train import load_model
+
+    model = load_model(settings, settings.trainer.checkpoint_dir / "model.pt")
+    if model is None:
+        raise RuntimeError("no trained model: run `camoe prepare`")
+    serving = ServingModel(model).eval()
+    layout = FeatureLayout(settings.simulator.n_campaigns)
+    batches = []
+    for start in range(0, len(requests), batch):
+        rows, fmt = [], []
+        for request in requests[start : start + batch]:
+            for c in request["candidates"]:
+                user, ad = world.features(request["user_id"], c["ad_id"])
+                rows.append(layout.row(request["context"], c, user, ad))
+                fmt.append(FORMATS.index(c["format"]))
+        categorical, numeric = layout.arrays(rows)
+        batches.append(
+            (
+                torch.from_numpy(categorical),
+                torch.from_numpy(numeric),
+                torch.tensor(fmt).view(-1, 1),
+            )
+        )
+    with torch.inference_mode():
+        serving(*batches[0])
+        started = time.perf_counter()
+        candidates = 0
+        for inputs in batches:
+            serving(*inputs)
+            candidates += len(inputs[0])
+    return candidates / (time.perf_counter() - started)
+
+
+def redis_floor(
+    settings: Settings, store: Any, requests: list[dict[str, Any]], batch: int
+) -> float:
+    """Candidates/s of pipelined HMGETs of the same Feast hashes (raw bytes, no Feast)."""
+    import redis
+    from feast.infra.online_stores.helpers import _mmh3, _redis_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    client = redis.Redis.from_url(settings.redis.url or "")
+    service = store.get_feature_service(settings.feast.feature_service)
+    views: dict[str, list[tuple[str, list[bytes]]]] = {"user_id": [], "ad_id": []}
+    for projection in service.feature_view_projections:
+        view = store.get_feature_view(projection.name)
+        fields = [_mmh3(f"{view.name}:{f.name}") for f in projection.features]
+        views[view.join_keys[0]].append((view.name, fields))
+
+    def key(join_key: str, value: str) -> bytes:
+        entity = EntityKey(join_keys=[join_key], entity_values=[Value(string_val=value)])
+        return _redis_key(store.project, entity, 3)
+
+    started = time.perf_counter()
+    candidates = 0
+    for start in range(0, len(requests), batch):
+        chunk = requests[start : start + batch]
+        users = {r["user_id"] for r in chunk}
+        ads = {c["ad_id"] for r in chunk for c in r["candidates"]}
+        with client.pipeline(transaction=False) as pipe:
+            for join_key, ids in (("user_id", users), ("ad_id", ads)):
+                for entity in ids:
+                    for _, fields in views[join_key]:
+                        pipe.hmget(key(join_key, entity), fields)
+            pipe.execute()
+        candidates += sum(len(r["candidates"]) for r in chunk)
+    client.close()
+    return candidates / (time.perf_counter() - started)
+
+
+def run(
+    settings: Settings,
+    out: Path,
+    requests: int = 20_000,
+    rate: float = 1000.0,
+    seconds: float = 20.0,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The whole benchmark; writes scoring.json and latency.png under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    stack = Stack(settings)
+    before = stack.endpoints()
+    endpoints = stack.up()
+    started_here = [n for n in ("kafka", "triton", "redis") if getattr(before, n) is None]
+    scorer = None
+    try:
+        s = _bench_settings(settings, endpoints, out / "state")
+        progress("preparing features (Redis) and the model")
+        prepare(s, endpoints)
+        create_topics(endpoints.kafka or "", s.kafka.topics.all())
+        world = World(s.simulator)
+        rng = np.random.default_rng(s.simulator.seed)
+        backlog = [world.request(rng, 0) for _ in range(requests)]
+        topics = s.kafka.topics
+        _produce(endpoints.kafka or "", topics.ad_requests.name, backlog)
+        reader = ScoreReader(endpoints.kafka or "", topics.ad_scores.name)
+
+        progress(f"saturation: a fresh scorer drains {requests} requests")
+        config = write_settings(s, out / "state" / "settings.yaml")
+        scorer = _start_scorer(config, out / "state" / "score.log")
+        reader.read_until({r["request_id"] for r in backlog}, 600)
+        # Each request of a batch carries that batch's timings: weight by request.
+        stages = {k: float(np.mean([t[k] for t in reader.stages])) for k in reader.stages[0]}
+        times = sorted(t for t, _ in reader.received.values())
+        saturation = requests / ((times[-1] - times[0]) / 1000)
+        candidates = sum(len(r["candidates"]) for r in backlog)
+        progress(
+            f"  {saturation:.0f} requests/s, {saturation * candidates / requests:.0f} candidates/s"
+        )
+
+        progress(f"fixed load: {rate:.0f} requests/s for {seconds:.0f}s")
+        load = [world.request(rng, 0) for _ in range(int(rate * seconds))]
+        # Produce from a thread so that scores are read (and timed) as they arrive.
+        producer = threading.Thread(
+            target=_produce, args=(endpoints.kafka or "", topics.ad_requests.name, load, rate)
+        )
+        producer.start()
+        reader.read_until({r["request_id"] for r in load}, seconds + 300)
+        producer.join()
+        latencies = np.array(
+            [
+                reader.received[r["request_id"]][0] - reader.received[r["request_id"]][1]
+                for r in load
+            ]
+        )
+        reader.close()
+        p50, p99 = (float(np.percentile(latencies, q)) for q in (50, 99))
+        progress(f"  p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+
+        progress("floors")
+        sink = f"{topics.ad_requests.name}-passthrough"
+        create_topics(endpoints.kafka or "", [TopicSpec(name=sink, partitions=4)])
+        passthrough = passthrough_floor(
+            endpoints.kafka or "", topics.ad_requests.name, sink, requests
+        )
+        batch = s.scoring.batch_size
+        forward = forward_floor(s, world, backlog[:5000], batch)
+        from camoe.feature_store import open_store
+
+        store = open_store(s.feast, endpoints.redis)
+        redis_read = redis_floor(s, store, backlog[:5000], batch)
+        per_request = candidates / requests
+        pipeline_candidates = saturation * per_request
+        result = {
+            "machine": f"{os.cpu_count()} cores",
+            "requests": requests,
+            "candidates_per_request": per_request,
+            "batch_size": batch,
+            "saturation": {"requests_per_s": saturation, "candidates_per_s": pipeline_candidates},
+            "scorer_batch_stage_ms_at_saturation": stages,
+            "fixed_load": {
+                "offered_requests_per_s": rate,
+                "seconds": seconds,
+                "p50_ms": p50,
+                "p99_ms": p99,
+                "mean_ms": float(latencies.mean()),
+            },
+            "floors": {
+                "kafka_passthrough_requests_per_s": passthrough,
+                "model_forward_candidates_per_s": forward,
+                "redis_pipelined_read_candidates_per_s": redis_read,
+            },
+            "ratios_pipeline_to_floor": {
+                "kafka_passthrough": saturation / passthrough,
+                "model_forward": pipeline_candidates / forward,
+                "redis_read": pipeline_candidates / redis_read,
+            },
+        }
+        for name, value in result["floors"].items():
+            progress(f"  {name}: {value:.0f}")
+        (out / "scoring.json").write_text(json.dumps(result, indent=2))
+        plot_latency(latencies, rate, out / "latency.png")
+        progress(f"written: {out / 'scoring.json'}, {out / 'latency.png'}")
+        return result
+    finally:
+        if scorer is not None:
+            scorer.terminate()
+            scorer.wait(30)
+        if started_here:
+            stack.down()
+
+
+def plot_latency(latencies: np.ndarray, rate: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    top = float(np.percentile(latencies, 99.9))
+    ax.hist(latencies[latencies <= top], bins=60, color="steelblue")
+    for q, style in ((50, "-"), (99, "--")):
+        value = float(np.percentile(latencies, q))
+        ax.axvline(value, color="crimson", linestyle=style, label=f"p{q} {value:.1f} ms")
+    ax.set_xlabel("request event time to scores read back (ms)")
+    ax.set_ylabel("requests")
+    ax.set_title(f"Scoring latency at {rate:.0f} requests/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,27 @@
+"""The scoring benchmark runs end to end on a small configuration (no figure asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from bench import scoring
+
+
+def test_scoring_benchmark_writes_its_results(services, tmp_path):
+    settings, _ = services
+    lines: list[str] = []
+    result = scoring.run(
+        settings, tmp_path, requests=1500, rate=100.0, seconds=3.0, progress=lines.append
+    )
+
+    saved = json.loads((tmp_path / "scoring.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["saturation"]["requests_per_s"] > 0
+    assert saved["fixed_load"]["p50_ms"] <= saved["fixed_load"]["p99_ms"]
+    for name in ("kafka_passthrough", "model_forward", "redis_read"):
+        ratio = saved["ratios_pipeline_to_floor"][name]
+        assert math.isfinite(ratio) and ratio > 0, name
+    png = (tmp_path / "latency.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert any(line.startswith("saturation") for line in lines)
