@@ -10,7 +10,6 @@ working directory, if present), and the defaults below.
 from __future__ import annotations
 
 import os
-from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -236,10 +235,6 @@ class Settings(BaseSettings):
             ServiceUrlSource(settings_cls),
             YamlFileSource(settings_cls),
         )
-
-    @cached_property
-    def formats(self) -> list[str]:
-        return list(self.simulator.format_shares)
 
 
 class ServiceUrlSource(PydanticBaseSettingsSource):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from camoe.features import FORMATS
+from camoe.features import FORMATS, format_index
 from camoe.settings import Settings
 from streaming.app import BatchResult, Output, Record
 from trainer.export import Publisher, PublishError
@@ -188,7 +188,7 @@ class IncrementalTrainer:
     def _train(self, rows: list[dict[str, Any]]) -> None:
         categorical = np.asarray([r["impression"]["categorical"] for r in rows], dtype=np.int64)
         numeric = np.asarray([r["impression"]["numeric"] for r in rows], dtype=np.float32)
-        fmt = np.asarray([FORMATS.index(r["impression"]["format"]) for r in rows], dtype=np.int64)
+        fmt = np.asarray([format_index(r["impression"]["format"]) for r in rows], dtype=np.int64)
         labels = np.asarray([r["label"] for r in rows], dtype=np.float32)
         tensors = to_tensors(categorical, numeric, fmt, labels)
         self.model.train()

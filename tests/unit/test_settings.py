@@ -47,7 +47,7 @@ def test_defaults():
     assert s.kafka.topics.ad_requests.partitions == 4
     assert s.kafka.topics.labelled_events.partitions == 1
     assert len(s.kafka.topics.all()) == 7
-    assert s.formats == ["audio", "video", "display"]
+    assert list(s.simulator.format_shares) == ["audio", "video", "display"]
 
 
 def test_nested_env_override(monkeypatch):
