@@ -95,9 +95,9 @@ class OnlineFeatures:
     sizes of a scorer. Two more savings, both exact:
 
     * a batch names few distinct users and ads many times over: each is read once;
-    * profile views listed in ``cached_views`` (ad profiles: they change only when
-      materialised) are kept for ``cache_s`` seconds. Counter views are never cached:
-      the labeler pushes them continuously.
+    * profile views listed in ``cached_views`` (user and ad profiles: they change only
+      when materialised) are kept for ``cache_s`` seconds. Counter views are never
+      cached: the labeler pushes them continuously.
 
     Values older than their feature view's TTL count as missing, as in Feast.
     """
@@ -106,7 +106,7 @@ class OnlineFeatures:
         self,
         store: Any,
         feature_service: str,
-        cached_views: tuple[str, ...] = ("ad_profile",),
+        cached_views: tuple[str, ...] = ("user_profile", "ad_profile"),
         cache_s: float = 30.0,
     ) -> None:
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
