@@ -81,7 +81,9 @@ def run_scoring(settings: Settings, stop: Event) -> None:
     needed = ("kafka", "triton") + (("redis",) if settings.feast.online_store == "redis" else ())
     endpoints = endpoints_for(settings, *needed)
     features = OnlineFeatures(
-        open_store(settings.feast, endpoints.redis), settings.feast.feature_service
+        open_store(settings.feast, endpoints.redis),
+        settings.feast.feature_service,
+        cache_s=settings.scoring.feature_cache_s,
     )
     triton = TritonClient(endpoints.triton, settings.triton.model_name, settings.triton.timeout_s)
     s = settings.scoring

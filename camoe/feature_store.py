@@ -95,9 +95,11 @@ class OnlineFeatures:
     sizes of a scorer. Two more savings, both exact:
 
     * a batch names few distinct users and ads many times over: each is read once;
-    * profile views listed in ``cached_views`` (user and ad profiles: they change only
-      when materialised) are kept for ``cache_s`` seconds. Counter views are never
-      cached: the labeler pushes them continuously.
+    * rows are kept for the seconds ``cache_s`` gives their view
+      (``scoring.feature_cache_s``): profiles change only when materialised (30 s);
+      counters change with every push of the labeler, so they are kept for a second (at
+      hundreds of requests/s most users and ads recur within it, and the labeler's
+      counters are seconds old anyway). A view not named is read every time.
 
     Values older than their feature view's TTL count as missing, as in Feast.
     """
@@ -106,8 +108,7 @@ class OnlineFeatures:
         self,
         store: Any,
         feature_service: str,
-        cached_views: tuple[str, ...] = ("user_profile", "ad_profile"),
-        cache_s: float = 30.0,
+        cache_s: dict[str, float] | None = None,
     ) -> None:
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
@@ -125,14 +126,14 @@ class OnlineFeatures:
             view = store.get_feature_view(projection.name)
             names = [f.name for f in projection.features]
             self._views[view.join_keys[0]].append((view, names))
-        self._cached_views = set(cached_views)
-        self._cache_s = cache_s
+        self._cache_s = cache_s or {}
         self._cache: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
 
     def _read_view(
         self, view: Any, names: list[str], key: str, ids: list[str]
     ) -> dict[str, dict[str, Any]]:
-        cached = view.name in self._cached_views and self._cache_s > 0
+        ttl = self._cache_s.get(view.name, 0.0)
+        cached = ttl > 0
         now = time.monotonic()
         found: dict[str, dict[str, Any]] = {}
         missing = []
@@ -163,7 +164,7 @@ class OnlineFeatures:
             if row is not None:
                 found[entity] = row
             if cached:
-                self._cache[(view.name, entity)] = (now + self._cache_s, row)
+                self._cache[(view.name, entity)] = (now + ttl, row)
         return found
 
     def _read(self, key: str, ids: list[str], profile: str) -> dict[str, dict[str, Any]]:

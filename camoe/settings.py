@@ -122,6 +122,15 @@ class ScoringSettings(Section):
         "with per-format prior CTRs flagged 'fallback'",
     )
     hold_retry_s: float = 1.0
+    feature_cache_s: dict[str, float] = Field(
+        default={
+            "user_profile": 30.0,
+            "ad_profile": 30.0,
+            "user_counters": 1.0,
+            "ad_counters": 1.0,
+        },
+        description="seconds the scorer keeps a feature view's rows (see OnlineFeatures)",
+    )
     metrics_port: int | None = Field(
         default=None, description="Prometheus /metrics on 127.0.0.1 (0: any free port)"
     )

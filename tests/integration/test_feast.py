@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 
@@ -20,7 +21,9 @@ def test_materialised_features_read_back(services, tmp_path, online_store):
     world.write_offline_data(repo / "data")
     store = open_store(FeastSettings(repo_path=repo, online_store=online_store), endpoints.redis)
     apply_and_materialize(store)
-    features = OnlineFeatures(store, settings.feast.feature_service)
+    features = OnlineFeatures(
+        store, settings.feast.feature_service, cache_s=settings.scoring.feature_cache_s
+    )
 
     pairs = [("u1", "a3"), ("u42", "a7"), ("nobody", "a1")]
     rows = features.read(pairs)
@@ -33,10 +36,12 @@ def test_materialised_features_read_back(services, tmp_path, online_store):
     assert rows[2][0] == {}  # unknown user: empty, so the scorer flags it
     assert rows[0][0]["user_impressions"] == 0
 
+    # Counters are kept for a second by default: a push shows once that has passed.
     counter_pusher(store)({"u1": [5, 2]}, {"a3": [9, 1]})
+    time.sleep(1.1)
     user, ad = features.read([("u1", "a3")])[0]  # a3's profile now from the cache
     assert (user["user_impressions"], user["user_clicks"]) == (5, 2)
-    assert (ad["ad_impressions"], ad["ad_clicks"]) == (9, 1)  # counters are never cached
+    assert (ad["ad_impressions"], ad["ad_clicks"]) == (9, 1)
 
 
 @pytest.mark.parametrize("online_store", ["sqlite", "redis"])
@@ -57,7 +62,10 @@ def test_fast_reader_equals_get_online_features(services, tmp_path, online_store
     expected = store.get_online_features(
         features=service, entity_rows=[{"user_id": u, "ad_id": a} for u, a in pairs]
     ).to_dict()
-    for cache_s in (0.0, 30.0):
+    for cache_s in (
+        {},
+        {"user_profile": 30.0, "ad_profile": 30.0, "user_counters": 30.0, "ad_counters": 30.0},
+    ):
         reader = OnlineFeatures(store, settings.feast.feature_service, cache_s=cache_s)
         for _ in range(2):  # the second pass is served partly from the cache
             rows = reader.read(pairs)
