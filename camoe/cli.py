@@ -3,7 +3,10 @@
 camoe stack up|down|status     the local Kafka, Triton and Redis
 camoe prepare                  Feast data + apply + materialise, model version 1
 camoe score | label | train    run one component until stopped (SIGTERM / Ctrl-C)
+camoe score --workers N        N scoring processes in one consumer group
 camoe demo [--duration S]      the whole loop for a bounded time, with a summary
+camoe top --port P             live view of a scorer's metrics
+camoe bench quality|scoring    benchmarks that print and save figures
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in ("label", "train"):
         commands.add_parser(name, help=f"run the {name} component")
+    top = commands.add_parser("top", help="live view of a scoring process's metrics")
+    top.add_argument(
+        "--port", type=int, required=True, help="the scorer's scoring.metrics_port on 127.0.0.1"
+    )
+    top.add_argument("--every", type=float, default=2.0, help="seconds between refreshes")
     bench = commands.add_parser("bench", help="benchmarks that print and save figures")
     bench.add_argument("name", choices=["quality", "scoring"])
     bench.add_argument("--out", type=Path, required=True, help="folder for results and plots")
@@ -123,6 +131,16 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             args.command
         ]
         run(settings, _stop_event())
+        return 0
+    if args.command == "top":
+        from consumers.top import watch
+
+        # Clear the screen and home the cursor before each view.
+        watch(
+            f"http://127.0.0.1:{args.port}/metrics",
+            args.every,
+            lambda view: print("\x1b[2J\x1b[H" + view, flush=True),
+        )
         return 0
     if args.command == "bench" and args.name == "scoring":
         from bench import scoring

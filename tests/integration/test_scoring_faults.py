@@ -413,3 +413,30 @@ def test_metrics_are_served_on_loopback(world):
     )
     assert 'camoe_scoring_stage_ms_count{stage="inference"} 1.0' in text
     assert "camoe_scoring_model_version 1.0" in text
+
+
+def test_top_renders_a_scorers_metrics(world):
+    from consumers.top import watch
+
+    settings, _, sim, server, _ = world
+    scorer = Scorer(
+        settings,
+        OnlineFeatures(open_store(settings.feast), settings.feast.feature_service),
+        TritonClient(server["grpc"]),
+    )
+    port = scorer.metrics.serve(0)
+    rng = np.random.default_rng(6)
+    views: list[str] = []
+
+    def show(view):
+        views.append(view)
+        records = [
+            Record("t", 0, i, None, sim.request(rng, int(time.time() * 1000)), b"")
+            for i in range(20)
+        ]
+        scorer(records)  # traffic between two scrapes
+
+    watch(f"http://127.0.0.1:{port}/metrics", 0.2, show, rounds=2)
+    assert "requests 0 " in views[0]
+    assert "requests 20 " in views[1] and "/s)" in views[1]
+    assert "inference" in views[1] and "end to end" in views[1]
