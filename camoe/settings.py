@@ -101,6 +101,9 @@ class SimulatorSettings(Section):
     click_delay_median_s: float = 2.0
     click_delay_sigma: float = 1.0
     drift_per_hour: float = 0.02
+    format_taste_turn: float = Field(
+        default=0.0, description="radians between audio's and video's taste (0: one taste)"
+    )
     requests_per_second: float = 50.0
     click_boost: float = Field(
         default=1.0,

@@ -16,6 +16,10 @@ Click probability of ad ``a`` shown to user ``u`` in context ``c``:
               + affinity_strength * <u, a> / sqrt(d) + q
               + cross_strength * cross(format, u, c) + drift(t)
 
+with the taste ``u`` turned by ``format_taste_turn`` (radians, x1 for video, x0.5 for
+display, 0 for audio) before the dot product: 0 (the default) means one taste across
+formats; larger values make the formats want different ads, a conflict between tasks.
+
 where ``cross`` is a format-specific interaction (audio: podcast listeners in older age
 buckets; video: premium users on a visible screen; display: desktop listeners) that a
 model must learn per format, and ``drift`` slowly rotates the taste vectors with time.
@@ -56,6 +60,8 @@ PLACEMENTS_BY_FORMAT = {
 }
 
 
+# How far each format's taste turns away from audio's, in units of format_taste_turn.
+TASTE_TURN = {"audio": 0.0, "video": 1.0, "display": 0.5}
 CONTENT_CDF = np.cumsum([0.6, 0.3, 0.1])  # music, podcast, audiobook
 DEVICE_CDF = np.cumsum([0.6, 0.2, 0.1, 0.1])  # mobile, desktop, tv, speaker
 
@@ -189,7 +195,8 @@ class World:
         logit += float(self._quality[a])
         if u_row is not None:
             u = self.user_vectors[u_row]
-            angle = s.drift_per_hour * hours  # drift: rotate taste in the first two axes
+            # Drift, and each format's own view of the taste: rotations in the first two axes.
+            angle = s.drift_per_hour * hours + s.format_taste_turn * TASTE_TURN[fmt]
             if angle:
                 c, sn = math.cos(angle), math.sin(angle)
                 u = u.copy()
