@@ -52,16 +52,19 @@ def test_passthrough_app_delivers_everything_and_dead_letters_garbage(services):
         producer.produce(source, key=b"bad", value=garbage)
     assert producer.flush(10) == 0
 
-    app = StreamApp(
-        "passthrough",
-        endpoints.kafka,
-        f"g-{suffix}",
-        {source: CLICKS},
-        {sink: CLICKS},
-        dlq,
-        batch_size=500,
-        poll_timeout_s=0.2,
-    )
+    def member():
+        return StreamApp(
+            "passthrough",
+            endpoints.kafka,
+            f"g-{suffix}",
+            {source: CLICKS},
+            {sink: CLICKS},
+            dlq,
+            batch_size=500,
+            poll_timeout_s=0.2,
+        )
+
+    app = member()
 
     def handler(records):
         return BatchResult(outputs=[Output(sink, r.value["request_id"], r.value) for r in records])
@@ -78,16 +81,7 @@ def test_passthrough_app_delivers_everything_and_dead_letters_garbage(services):
     )
 
     # Everything consumed was committed: a new member of the group reads nothing.
-    again = StreamApp(
-        "passthrough",
-        endpoints.kafka,
-        f"g-{suffix}",
-        {source: CLICKS},
-        {sink: CLICKS},
-        dlq,
-        batch_size=500,
-        poll_timeout_s=0.2,
-    )
+    again = member()
     seen = []
     again.run(lambda records: seen.extend(records) or BatchResult(), Event(), max_idle_s=3.0)
     assert seen == []

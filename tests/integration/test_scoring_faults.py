@@ -322,16 +322,21 @@ def _malformed(sim, rng, n):
     return records
 
 
+def _scorer(settings, server):
+    """An in-process scorer over the world's features and Triton, without caches."""
+    return Scorer(
+        settings,
+        OnlineFeatures(open_store(settings.feast), settings.feast.feature_service),
+        TritonClient(server["grpc"]),
+    )
+
+
 def test_malformed_input_is_dead_lettered_or_flagged_never_fatal(world):
     settings, endpoints, sim, server, _ = world
     topics = settings.kafka.topics
     source = f"fuzz-requests-{uuid.uuid4().hex[:6]}"  # holds only this test's records
     create_topics(endpoints.kafka, [TopicSpec(name=source, partitions=4)])
-    scorer = Scorer(
-        settings,
-        OnlineFeatures(open_store(settings.feast), settings.feast.feature_service),
-        TritonClient(server["grpc"]),
-    )
+    scorer = _scorer(settings, server)
     app = StreamApp(
         "scoring",
         endpoints.kafka,
@@ -395,11 +400,7 @@ def _read_from(bootstrap, topic, starts, codec):
 
 def test_metrics_are_served_on_loopback(world):
     settings, _, sim, server, _ = world
-    scorer = Scorer(
-        settings,
-        OnlineFeatures(open_store(settings.feast), settings.feast.feature_service),
-        TritonClient(server["grpc"]),
-    )
+    scorer = _scorer(settings, server)
     rng = np.random.default_rng(5)
     records = [
         Record("t", 0, i, None, sim.request(rng, int(time.time() * 1000)), b"") for i in range(10)
@@ -419,11 +420,7 @@ def test_top_renders_a_scorers_metrics(world):
     from consumers.top import watch
 
     settings, _, sim, server, _ = world
-    scorer = Scorer(
-        settings,
-        OnlineFeatures(open_store(settings.feast), settings.feast.feature_service),
-        TritonClient(server["grpc"]),
-    )
+    scorer = _scorer(settings, server)
     port = scorer.metrics.serve(0)
     rng = np.random.default_rng(6)
     views: list[str] = []
