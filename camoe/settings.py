@@ -36,6 +36,7 @@ class Section(BaseModel):
 class TopicSpec(Section):
     name: str
     partitions: int = 1
+    compacted: bool = Field(default=False, description="cleanup.policy=compact (changelogs)")
 
 
 class TopicsSettings(Section):
@@ -48,6 +49,8 @@ class TopicsSettings(Section):
     labelled_events: TopicSpec = TopicSpec(name="labelled-events", partitions=1)
     model_updates: TopicSpec = TopicSpec(name="model-updates", partitions=1)
     dead_letters: TopicSpec = TopicSpec(name="dead-letters", partitions=1)
+    # The labeler's state changelog: partition n holds the state of its inputs' partition n.
+    labeler_state: TopicSpec = TopicSpec(name="labeler-state", partitions=4, compacted=True)
 
     def all(self) -> list[TopicSpec]:
         return [getattr(self, name) for name in type(self).model_fields]
@@ -147,6 +150,10 @@ class LabelerSettings(Section):
     group_id: str = "camoe-labeler"
     attribution_window_s: float = 10.0
     batch_size: int = 500
+    guarantee: DeliveryGuarantee = Field(
+        default="exactly-once",
+        description="exactly-once: labels, state changelog and offsets in one transaction",
+    )
 
 
 class TrainerSettings(Section):
@@ -154,8 +161,25 @@ class TrainerSettings(Section):
     batch_size: int = 256
     learning_rate: float = 3e-3
     publish_every_examples: int = 2_000
+    publish_every_s: float = Field(
+        default=10.0, description="publish when this long has passed and anything was learned"
+    )
     pretrain_requests: int = 20_000
+    pretrain_hours: float = Field(
+        default=24.0, description="simulated hours of history before live traffic starts"
+    )
     checkpoint_dir: Path = ROOT / ".cache" / "trainer"
+    holdout_every: int = Field(
+        default=10, description="one labelled event in this many is held out for the gate"
+    )
+    holdout_size: int = Field(default=3_000, description="recent held-out events kept")
+    gate_tolerance: float = Field(
+        default=0.01,
+        description="a candidate may be this much (relative) worse in held-out logloss",
+    )
+    prequential_window: int = Field(
+        default=5_000, description="recent events the live AUC-PR, logloss and ECE cover"
+    )
 
 
 class ModelSettings(Section):

@@ -145,7 +145,12 @@ def create_topics(bootstrap: str, topics: list[TopicSpec], timeout_s: float = 30
     admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     new = [
-        NewTopic(t.name, num_partitions=t.partitions, replication_factor=1)
+        NewTopic(
+            t.name,
+            num_partitions=t.partitions,
+            replication_factor=1,
+            config={"cleanup.policy": "compact"} if t.compacted else {},
+        )
         for t in topics
         if t.name not in existing
     ]

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from threading import Event
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -54,11 +54,14 @@ class Record:
 
 @dataclass(frozen=True)
 class Output:
-    """One record for a sink topic; ``value`` is encoded with that sink's codec."""
+    """One record for a sink topic; ``value`` is encoded with that sink's codec (None is a
+    tombstone). ``partition`` pins it (a changelog follows its input's partition); None
+    lets the key choose."""
 
     topic: str
     key: str | None
-    value: dict[str, Any]
+    value: dict[str, Any] | None
+    partition: int | None = None
 
 
 @dataclass
@@ -70,6 +73,20 @@ class BatchResult:
 Handler = Callable[[list[Record]], BatchResult]
 # Given the batch's messages, returns the offsets it is safe to commit (stateful apps).
 CommitPolicy = Callable[[list[Record]], list[TopicPartition]]
+
+
+class PartitionHooks(Protocol):
+    """What a stateful handler does when partitions move (a rebalance or a restart)."""
+
+    def on_assign(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """Called before the first record of ``partitions`` is read: restore their state and
+        return them, each with the offset to start from (``OFFSET_INVALID``: the committed
+        one)."""
+        ...
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        """Called when ``partitions`` go to another worker: forget their state."""
+        ...
 
 
 def consume_batch(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
@@ -175,16 +192,25 @@ class StreamApp:
         stop: Event,
         commit_policy: CommitPolicy = next_offsets,
         max_idle_s: float | None = None,
+        hooks: PartitionHooks | None = None,
     ) -> None:
         """Runs batches until ``stop`` is set (or ``max_idle_s`` passes with no input)."""
         last_input: float | None = None  # idle time counts from the first assignment
 
-        def on_assign(_consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        def on_assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
             nonlocal last_input
-            last_input = time.monotonic()
             log.info("%s: assigned %d partitions", self.name, len(partitions))
+            if hooks is not None:
+                # Assigning here, with offsets, is librdkafka's way to choose where to start.
+                consumer.assign(hooks.on_assign(partitions))
+            last_input = time.monotonic()
 
-        self._consumer.subscribe(list(self.sources), on_assign=on_assign)
+        def on_revoke(_consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            log.info("%s: revoked %d partitions", self.name, len(partitions))
+            if hooks is not None:
+                hooks.on_revoke(partitions)
+
+        self._consumer.subscribe(list(self.sources), on_assign=on_assign, on_revoke=on_revoke)
         try:
             while not stop.is_set():
                 messages = consume_batch(self._consumer, self.batch_size, self.poll_timeout_s)
@@ -295,14 +321,19 @@ class StreamApp:
         self.counters["batches"] += 1
 
     def produce(self, output: Output) -> None:
-        data = self.sinks[output.topic].encode(output.value)
-        self._produce_raw(output.topic, output.key, data)
+        data = None if output.value is None else self.sinks[output.topic].encode(output.value)
+        self._produce_raw(output.topic, output.key, data, output.partition)
         self.counters["produced"] += 1
 
-    def _produce_raw(self, topic: str, key: str | bytes | None, value: bytes) -> None:
+    def _produce_raw(
+        self, topic: str, key: str | bytes | None, value: bytes | None, partition: int | None = None
+    ) -> None:
+        where = {} if partition is None else {"partition": partition}
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                self._producer.produce(
+                    topic, value=value, key=key, on_delivery=self._on_delivery, **where
+                )
                 return
             except BufferError:  # local queue full: let the broker catch up
                 self._producer.poll(0.05)
