@@ -23,20 +23,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 from torch import nn
 
 from camoe.features import CONTENT_TYPES, FORMATS, FeatureLayout
 from camoe.settings import Settings
 from simulator.traffic import World
 from trainer.baselines import ContentMMoE, GlobalDCN, MMoE, SharedBottom, SingleTaskDCN
+from trainer.metrics import METRICS, per_format
 from trainer.model import CAMoE, ServingModel
 from trainer.modules import Calibrated
 from trainer.train import LossKind, calibrate, fit, task_of
 
 log = logging.getLogger(__name__)
-
-METRICS = ("auc_pr", "roc_auc", "logloss", "ece")
 
 
 @dataclass(frozen=True)
@@ -90,27 +88,6 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def ece(p: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
-    """Expected calibration error over equal-mass bins of predicted probability."""
-    order = np.argsort(p)
-    total = 0.0
-    for chunk in np.array_split(order, bins):
-        if len(chunk):
-            total += abs(p[chunk].mean() - y[chunk].mean()) * len(chunk)
-    return float(total / max(len(p), 1))
-
-
-def format_metrics(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    if y.min() == y.max():
-        return {m: float("nan") for m in METRICS}
-    return {
-        "auc_pr": float(average_precision_score(y, p)),
-        "roc_auc": float(roc_auc_score(y, p)),
-        "logloss": float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7))),
-        "ece": ece(p, y),
-    }
-
-
 def _split(data: dict[str, np.ndarray], settings: Settings) -> tuple[dict[str, np.ndarray], ...]:
     n = len(data["label"])
     b = settings.bench
@@ -156,10 +133,7 @@ def run_model(
     p = predict(model, test)
     result: dict[str, Any] = {
         "examples_per_s": len(train["label"]) * b.epochs / seconds,
-        "formats": {
-            f: format_metrics(p[test["format"] == k], test["label"][test["format"] == k])
-            for k, f in enumerate(FORMATS)
-        },
+        "formats": per_format(p, test["label"], test["format"]),
     }
     return result, p
 
@@ -214,16 +188,7 @@ def run(
             f"(CTR {data['label'].mean():.4f}) in {time.perf_counter() - started:.0f}s"
         )
         test = splits[2]
-        oracle.append(
-            {
-                "formats": {
-                    f: format_metrics(
-                        test["true_ctr"][test["format"] == k], test["label"][test["format"] == k]
-                    )
-                    for k, f in enumerate(FORMATS)
-                }
-            }
-        )
+        oracle.append({"formats": per_format(test["true_ctr"], test["label"], test["format"])})
         for name in names:
             result, p = run_model(name, settings, splits, seed)
             per_seed[name].append(result)

@@ -10,6 +10,7 @@ from camoe.feature_store import OnlineFeatures, counter_pusher, open_store
 from camoe.settings import Settings
 from consumers.labeler import Labeler
 from consumers.scoring import Scorer
+from services.kafka import cluster_id
 from services.stack import Endpoints, Stack
 from services.triton import TritonClient
 from streaming.app import StreamApp
@@ -128,28 +129,37 @@ def run_labeler(settings: Settings, stop: Event) -> None:
 def run_trainer(settings: Settings, stop: Event) -> None:
     # torch only here: the scorer and the labeler start faster without it.
     from trainer.export import Publisher
-    from trainer.train import IncrementalTrainer, load_model
+    from trainer.online import Checkpoint, IncrementalTrainer
+    from trainer.train import load_model
 
     endpoints = endpoints_for(settings, "kafka", "triton")
-    checkpoint = settings.trainer.checkpoint_dir / "model.pt"
-    model = load_model(settings, checkpoint)
+    t = settings.trainer
+    resume = Checkpoint.load(t.checkpoint_dir / "trainer.pt")
+    model = load_model(settings, t.checkpoint_dir / "model.pt")
     if model is None:
-        raise NotRunningError(f"no usable model at {checkpoint}: run `camoe prepare` first")
+        raise NotRunningError(
+            f"no usable model at {t.checkpoint_dir / 'model.pt'}: run `camoe prepare` first"
+        )
     client = TritonClient(endpoints.triton, settings.triton.model_name, settings.triton.timeout_s)
-    publisher = Publisher(settings.triton.model_repo, settings.triton.model_name, client)
     trainer = IncrementalTrainer(
-        settings, model, publisher, settings.kafka.topics.model_updates.name, checkpoint
+        settings,
+        model,
+        Publisher(settings.triton.model_repo, settings.triton.model_name, client),
+        t.checkpoint_dir / "trainer.pt",
+        cluster_id(endpoints.kafka or ""),
+        resume,
     )
     app = _app(
         settings,
         "trainer",
-        settings.trainer.group_id,
+        t.group_id,
         ("labelled_events",),
         ("model_updates",),
-        settings.trainer.batch_size * 4,
+        t.batch_size * 4,
     )
     log.info(
-        "incremental trainer running (publish every %d examples)",
-        settings.trainer.publish_every_examples,
+        "incremental trainer running (publish every %d examples or %.0fs)",
+        t.publish_every_examples,
+        t.publish_every_s,
     )
-    app.run(trainer, stop)
+    app.run(trainer, stop, hooks=trainer)

@@ -164,6 +164,12 @@ def create_topics(bootstrap: str, topics: list[TopicSpec], timeout_s: float = 30
                 raise RuntimeError(f"could not create topic {name}: {error}") from None
 
 
+def cluster_id(bootstrap: str, timeout_s: float = 10.0) -> str | None:
+    """The cluster's id: a checkpoint's offsets are only valid on the cluster that gave them."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
+    return admin.list_topics(timeout=timeout_s).cluster_id
+
+
 def group_members(bootstrap: str, group_id: str, timeout_s: float = 5.0) -> int:
     """How many consumers hold partitions in a stable consumer group (0 while rebalancing)."""
     from confluent_kafka import ConsumerGroupState

@@ -1,10 +1,14 @@
 """Publishes model versions into the Triton model repository, safely.
 
-A version is exported into a staging folder and renamed into ``<repo>/<model>/<n>/`` in
-one atomic step, so Triton never sees a half-written version. Then Triton loads it
-explicitly (loads are serialised by a lock), the new version answers a warm-up request,
-and its scores must equal the trainer's own forward pass; otherwise the version folder
-is removed and Triton reloads, so the previous version keeps serving.
+1. A version is exported into a staging folder, and the exported file itself is run
+   (onnxruntime, in process) on a check batch: its scores must be finite and equal the
+   trainer's forward pass. A version that fails never reaches the repository.
+2. It is renamed into ``<repo>/<model>/<n>/`` in one atomic step, so Triton never sees a
+   half-written version. A crash before the rename leaves only a staging folder, which
+   the next publisher clears.
+3. Triton loads it explicitly (loads are serialised by a lock), and the new version must
+   answer the check batch with the same scores; a failed load or check removes the
+   version folder and reloads, so the previous version keeps serving.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -29,6 +34,8 @@ log = logging.getLogger(__name__)
 # The Python-backend runner, copied into each version folder as Triton expects it.
 RUNNER = Path(__file__).parent / "triton_model.py"
 _LOAD_LOCK = threading.Lock()
+PARITY_TOLERANCE = 1e-5
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # categorical, numeric, format
 
 
 class PublishError(Exception):
@@ -60,6 +67,28 @@ def export_onnx(model: nn.Module, path: Path, n_categorical: int, n_numeric: int
         )
 
 
+def serving_scores(model: nn.Module, check: Batch) -> np.ndarray:
+    """What the served graph must answer for ``check``: the trainer's own forward, (B,)."""
+    categorical, numeric, fmt = check
+    with torch.no_grad():
+        pctr = ServingModel(model).eval()(
+            torch.from_numpy(categorical),
+            torch.from_numpy(numeric),
+            torch.from_numpy(fmt.reshape(-1, 1)),
+        )
+    return pctr.numpy().reshape(-1)
+
+
+def _check_parity(where: str, served: np.ndarray, expected: np.ndarray) -> None:
+    if not np.isfinite(expected).all():
+        raise PublishError("the model's own scores are not finite")
+    if not np.isfinite(served).all():
+        raise PublishError(f"{where} returned scores that are not finite")
+    gap = float(np.max(np.abs(served - expected)))
+    if gap > PARITY_TOLERANCE:
+        raise PublishError(f"parity check failed: max |{where} - torch| = {gap:.2e}")
+
+
 def versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
@@ -81,32 +110,33 @@ class Publisher:
         self.staging = Path(model_repo) / ".staging"
         self.client = client
         self.keep = keep
+        # Left by a publisher that died before its rename; one publisher per model repository.
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def next_version(self) -> int:
         existing = versions(self.model_dir)
         return (existing[-1] + 1) if existing else 1
 
-    def publish(self, model: nn.Module, check: tuple[np.ndarray, np.ndarray, np.ndarray]) -> int:
+    def publish(self, model: nn.Module, check: Batch) -> int:
         """Exports ``model`` as the next version and makes Triton serve it.
 
         ``check`` is a (categorical, numeric, format) batch for warm-up and parity.
         """
         version = self.next_version()
-        categorical, numeric, fmt = check
         self.staging.mkdir(parents=True, exist_ok=True)
         folder = self.staging / f"{version}-{uuid.uuid4().hex[:8]}"
         folder.mkdir()
+        expected = serving_scores(model, check)
         try:
-            export_onnx(model, folder / "model.onnx", categorical.shape[1], numeric.shape[1])
-            shutil.copy2(RUNNER, folder / "model.py")
+            self._write(model, folder, check, expected)
         except Exception as error:
             shutil.rmtree(folder, ignore_errors=True)
-            raise PublishError(f"version {version} could not be exported: {error}") from error
+            raise PublishError(f"version {version} rejected before publishing: {error}") from error
         target = self.model_dir / str(version)
-        folder.rename(target)  # atomic: Triton sees all of the version or none of it
+        self._commit(folder, target)
         if self.client is not None:
             try:
-                self._load_and_check(self.client, model, version, categorical, numeric, fmt)
+                self._load_and_check(self.client, version, check, expected)
             except Exception as error:
                 shutil.rmtree(target, ignore_errors=True)
                 with _LOAD_LOCK:
@@ -116,34 +146,32 @@ class Publisher:
         return version
 
     @staticmethod
+    def _write(model: nn.Module, folder: Path, check: Batch, expected: np.ndarray) -> None:
+        """Exports into the staging ``folder`` and checks the exported file there."""
+        categorical, numeric, fmt = check
+        export_onnx(model, folder / "model.onnx", categorical.shape[1], numeric.shape[1])
+        shutil.copy2(RUNNER, folder / "model.py")
+        session = ort.InferenceSession(
+            str(folder / "model.onnx"), providers=["CPUExecutionProvider"]
+        )
+        feed = {"categorical": categorical, "numeric": numeric, "format": fmt.reshape(-1, 1)}
+        _check_parity("onnxruntime", session.run(["pctr"], feed)[0].reshape(-1), expected)
+
+    @staticmethod
+    def _commit(folder: Path, target: Path) -> None:
+        folder.rename(target)  # atomic: Triton sees all of the version or none of it
+
+    @staticmethod
     def _load_and_check(
-        client: TritonClient,
-        model: nn.Module,
-        version: int,
-        categorical: np.ndarray,
-        numeric: np.ndarray,
-        fmt: np.ndarray,
+        client: TritonClient, version: int, check: Batch, expected: np.ndarray
     ) -> None:
         started = time.monotonic()
         with _LOAD_LOCK:
             client.load()
         if version not in client.ready_versions():
             raise PublishError(f"Triton did not make version {version} ready")
-        served, _ = client.infer(categorical, numeric, fmt, version=version)
-        with torch.no_grad():
-            expected = (
-                ServingModel(model)
-                .eval()(
-                    torch.from_numpy(categorical),
-                    torch.from_numpy(numeric),
-                    torch.from_numpy(fmt.reshape(-1, 1)),
-                )
-                .numpy()
-                .reshape(-1)
-            )
-        gap = float(np.max(np.abs(served - expected)))
-        if not np.isfinite(served).all() or gap > 1e-5:
-            raise PublishError(f"parity check failed: max |triton - torch| = {gap:.2e}")
+        served, _ = client.infer(*check, version=version)
+        _check_parity("triton", served, expected)
         log.info("version %d serving (load + check %.2fs)", version, time.monotonic() - started)
 
     def _prune(self) -> None:

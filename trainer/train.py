@@ -1,27 +1,20 @@
-"""Training: the offline fit that makes version 1, and the incremental trainer that keeps
-learning from labelled-events and publishes new versions.
-
-Incremental trainer delivery guarantee: at-least-once. Offsets of labelled events are
-committed after the batch is trained on and any model update is acknowledged; a crash
-re-trains at most the uncommitted batch.
-"""
+"""Offline training: the fit and calibration that make version 1 (and the quality
+benchmark's models), and saving and loading weights. The incremental trainer that keeps
+learning from the stream is trainer/online.py."""
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from camoe.features import FORMATS, format_index
+from camoe.features import FORMATS
 from camoe.settings import Settings
-from streaming.app import BatchResult, Output, Record
-from trainer.export import Publisher, PublishError
 from trainer.model import build_served_camoe, masked_bce, select_task, validate_batch
 from trainer.modules import Calibrated, InputEncoder
 
@@ -136,93 +129,3 @@ def save_model(model: nn.Module, path: Path) -> None:
     partial = path.with_suffix(".partial")
     torch.save(model.state_dict(), partial)
     partial.replace(path)
-
-
-class IncrementalTrainer:
-    """Handler for a StreamApp over labelled-events: train on each batch, publish on cadence.
-
-    Args:
-        settings: the system's settings.
-        model: the model to keep training (already fitted once).
-        publisher: writes versions into the model repository and loads them.
-        model_updates_topic: where each served version is announced.
-        checkpoint: where the published model's weights are saved, to resume from.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        model: nn.Module,
-        publisher: Publisher,
-        model_updates_topic: str,
-        checkpoint: Path,
-    ) -> None:
-        self.checkpoint = checkpoint
-        self.settings = settings
-        self.model = model
-        self.publisher = publisher
-        self.topic = model_updates_topic
-        self.optimiser = torch.optim.Adam(model.parameters(), lr=settings.trainer.learning_rate)
-        self.examples = 0
-        self.since_publish = 0
-        self.versions: list[int] = []
-        self._last_batch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-
-    def __call__(self, records: list[Record]) -> BatchResult:
-        result = BatchResult()
-        rows: list[dict[str, Any]] = []
-        for record in records:
-            impression = record.value["impression"]
-            if impression["feature_service"] != self.settings.feast.feature_service:
-                result.dead_letters.append((record, "feature layout differs from the model's"))
-                continue
-            rows.append(record.value)
-        if rows:
-            self._train(rows)
-        if self.since_publish >= self.settings.trainer.publish_every_examples:
-            update = self._publish()
-            if update is not None:
-                result.outputs.append(update)
-        return result
-
-    def _train(self, rows: list[dict[str, Any]]) -> None:
-        categorical = np.asarray([r["impression"]["categorical"] for r in rows], dtype=np.int64)
-        numeric = np.asarray([r["impression"]["numeric"] for r in rows], dtype=np.float32)
-        fmt = np.asarray([format_index(r["impression"]["format"]) for r in rows], dtype=np.int64)
-        labels = np.asarray([r["label"] for r in rows], dtype=np.float32)
-        tensors = to_tensors(categorical, numeric, fmt, labels)
-        self.model.train()
-        batch = self.settings.trainer.batch_size
-        for start in range(0, len(rows), batch):
-            c, n, f, y = (t[start : start + batch] for t in tensors)
-            loss = masked_bce(self.model(c, n), y, f)
-            self.optimiser.zero_grad()
-            loss.backward()
-            self.optimiser.step()
-        self.model.eval()
-        self.examples += len(rows)
-        self.since_publish += len(rows)
-        self._last_batch = (categorical[:64], numeric[:64], fmt[:64])
-
-    def _publish(self) -> Output | None:
-        assert self._last_batch is not None  # set by the training step that got us here
-        try:
-            version = self.publisher.publish(self.model, self._last_batch)
-        except PublishError as error:
-            log.error("%s", error)
-            return None
-        save_model(self.model, self.checkpoint)
-        self.since_publish = 0
-        self.versions.append(version)
-        log.info("published version %d after %d examples", version, self.examples)
-        return Output(
-            self.topic,
-            str(version),
-            {
-                "model_name": self.settings.triton.model_name,
-                "version": version,
-                "published_at": int(time.time() * 1000),
-                "examples_trained": self.examples,
-                "metrics": {},
-            },
-        )

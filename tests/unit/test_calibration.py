@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench.quality import ece
 from camoe.features import FORMATS, FeatureLayout
 from camoe.settings import Settings
 from trainer.export import export_onnx
+from trainer.metrics import ece
 from trainer.model import ServingModel, build_camoe
 from trainer.modules import Calibrated, platt_scaling
 from trainer.train import calibrate

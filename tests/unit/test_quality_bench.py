@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from bench import quality
-from bench.quality import ece
 from camoe.features import FORMATS
 from camoe.settings import Settings
+from trainer.metrics import ece
 
 MODELS = ["camoe", "dcn_global", "content_mmoe"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,176 @@
+"""The incremental trainer's logic: windows, the quality gate, cadence, checkpoints and
+resuming (publishing without Triton; tests/integration covers the served side)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from confluent_kafka import OFFSET_INVALID, TopicPartition
+
+from camoe.features import FORMATS
+from camoe.settings import Settings
+from simulator.traffic import World
+from streaming.app import Record
+from trainer.export import Publisher, versions
+from trainer.model import build_served_camoe
+from trainer.online import Checkpoint, Examples, IncrementalTrainer, Window, quality_gate
+from trainer.train import fit
+
+TOPIC = "labelled-events"
+
+
+@pytest.fixture(scope="module")
+def world_and_model() -> tuple[Settings, dict[str, np.ndarray], Any]:
+    settings = Settings(
+        simulator={"click_boost": 5.0},
+        trainer={
+            "publish_every_examples": 400,
+            "publish_every_s": 3600.0,
+            "holdout_every": 5,
+            "batch_size": 128,
+        },
+    )
+    history = World(settings.simulator).history(3000, hours=0.0)
+    model = build_served_camoe(settings)
+    fit(model, {k: v[:1500] for k, v in history.items()}, epochs=1)
+    return settings, history, model.state_dict()
+
+
+def events(history: dict[str, np.ndarray], start: int, n: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "impression": {
+                "request_id": f"r{i}",
+                "user_id": "u1",
+                "ad_id": "a1",
+                "format": FORMATS[int(history["format"][i])],
+                "event_time": 1_000_000 + i,
+                "model_version": "1",
+                "pctr": 0.01,
+                "feature_service": "camoe_v1",
+                "categorical": history["categorical"][i].tolist(),
+                "numeric": history["numeric"][i].tolist(),
+            },
+            "label": int(history["label"][i]),
+            "click_delay_ms": 1500 if history["label"][i] else None,
+            "late_positive": False,
+            "labelled_at": 1_000_000 + i,
+        }
+        for i in range(start, start + n)
+    ]
+
+
+def records(values: list[dict[str, Any]], first_offset: int) -> list[Record]:
+    return [
+        Record(TOPIC, 0, first_offset + k, v["impression"]["request_id"].encode(), v, b"")
+        for k, v in enumerate(values)
+    ]
+
+
+def trainer_for(
+    settings: Settings, state: dict[str, torch.Tensor], root: Path, resume: Checkpoint | None
+) -> IncrementalTrainer:
+    model = build_served_camoe(settings)
+    model.load_state_dict(state)
+    (root / "repo" / "camoe").mkdir(parents=True, exist_ok=True)
+    publisher = Publisher(root / "repo", "camoe", client=None)
+    return IncrementalTrainer(settings, model, publisher, root / "trainer.pt", "cluster-a", resume)
+
+
+def test_window_keeps_the_most_recent_rows():
+    window = Window(size=5)
+    for start in range(0, 12, 3):
+        window.add(np.arange(start, start + 3))
+    (kept,) = window.arrays()
+    assert kept.tolist()[-5:] == [7, 8, 9, 10, 11]
+    assert 5 <= len(kept) < 5 + 3  # whole batches: at most one batch more than asked
+
+
+def test_gate_rejects_non_finite_and_worse_candidates(world_and_model):
+    settings, history, state = world_and_model
+    serving = build_served_camoe(settings)
+    serving.load_state_dict(state)
+    held = Examples(
+        history["categorical"][2000:],
+        history["numeric"][2000:],
+        history["format"][2000:],
+        history["label"][2000:],
+    )
+    assert quality_gate(serving, serving, held, 0.0).passed
+
+    broken = build_served_camoe(settings)
+    broken.load_state_dict(state)
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    verdict = quality_gate(broken, serving, held, 0.01)
+    assert not verdict.passed and "not finite" in verdict.reason
+
+    untrained = build_served_camoe(settings)  # random weights: far worse held-out logloss
+    verdict = quality_gate(untrained, serving, held, 0.01)
+    assert not verdict.passed and "worse than serving" in verdict.reason
+    assert verdict.candidate_logloss > verdict.serving_logloss
+
+
+def test_trainer_publishes_on_cadence_and_checkpoints_with_offsets(world_and_model, tmp_path):
+    settings, history, state = world_and_model
+    trainer = trainer_for(settings, state, tmp_path, None)
+    result = trainer(records(events(history, 1500, 300), 0))
+    assert result.outputs == [] and trainer.since_publish > 0  # below the cadence
+    result = trainer(records(events(history, 1800, 300), 300))
+    (update,) = result.outputs
+    assert update.value["version"] == 1 and versions(tmp_path / "repo" / "camoe") == [1]
+    assert update.value["examples_trained"] == trainer.examples
+    assert 400 <= trainer.examples < 600  # one in five events held out for the gate
+    assert trainer.events == 600
+    metrics = update.value["metrics"]
+    assert any(k.endswith("_auc_pr") for k in metrics) and "audio_logloss" in metrics
+    clicks = [e for e in events(history, 1500, 600) if e["label"] == 1]
+    assert 0 < len(update.value["learned_click_times"]) <= len(clicks)
+
+    saved = Checkpoint.load(tmp_path / "trainer.pt")
+    assert saved is not None
+    assert saved.offsets == {f"{TOPIC}:0": 600}
+    assert (saved.version, saved.examples, saved.events) == (1, trainer.examples, 600)
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(saved.model[name], tensor)
+
+
+def test_resume_starts_at_the_checkpoint_and_announces_its_version_again(world_and_model, tmp_path):
+    settings, history, state = world_and_model
+    first = trainer_for(settings, state, tmp_path, None)
+    first(records(events(history, 1500, 600), 0))
+    first(records(events(history, 2100, 100), 600))  # trained after the checkpoint: lost
+    saved = Checkpoint.load(tmp_path / "trainer.pt")
+
+    resumed = trainer_for(settings, state, tmp_path, saved)
+    start = resumed.on_assign([TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)])
+    assert [(p.partition, p.offset) for p in start] == [(0, 600), (1, OFFSET_INVALID)]
+    assert resumed.examples == saved.examples
+    for name, tensor in resumed.model.state_dict().items():
+        assert torch.equal(saved.model[name], tensor)
+    again = resumed(records(events(history, 2100, 10), 600))
+    assert [o.value["version"] for o in again.outputs] == [1]
+
+    other_cluster = IncrementalTrainer(
+        settings, build_served_camoe(settings), resumed.publisher, tmp_path / "x.pt", "b", saved
+    )
+    assert other_cluster.on_assign([TopicPartition(TOPIC, 0)])[0].offset == OFFSET_INVALID
+
+
+def test_a_non_finite_candidate_is_not_published_and_training_goes_on_from_serving(
+    world_and_model, tmp_path
+):
+    settings, history, state = world_and_model
+    trainer = trainer_for(settings, state, tmp_path, None)
+    trainer(records(events(history, 1500, 200), 0))
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))
+    result = trainer(records(events(history, 1700, 400), 200))
+    assert result.outputs == [] and trainer.rejected == 1
+    assert versions(tmp_path / "repo" / "camoe") == []
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(trainer.serving.state_dict()[name], tensor)

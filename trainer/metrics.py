@@ -1,0 +1,37 @@
+"""Quality metrics per ad format, shared by the offline benchmark, the incremental
+trainer's live (prequential) evaluation and the freshness benchmark."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
+
+from camoe.features import FORMATS
+
+METRICS = ("auc_pr", "roc_auc", "logloss", "ece")
+
+
+def ece(p: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error over equal-mass bins of predicted probability."""
+    order = np.argsort(p)
+    total = 0.0
+    for chunk in np.array_split(order, bins):
+        if len(chunk):
+            total += abs(p[chunk].mean() - y[chunk].mean()) * len(chunk)
+    return float(total / max(len(p), 1))
+
+
+def format_metrics(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    if y.min() == y.max():
+        return {m: float("nan") for m in METRICS}
+    return {
+        "auc_pr": float(average_precision_score(y, p)),
+        "roc_auc": float(roc_auc_score(y, p)),
+        "logloss": float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7))),
+        "ece": ece(p, y),
+    }
+
+
+def per_format(p: np.ndarray, y: np.ndarray, fmt: np.ndarray) -> dict[str, dict[str, float]]:
+    """``format_metrics`` for each format index in ``fmt`` (NaN where a format has one class)."""
+    return {f: format_metrics(p[fmt == k], y[fmt == k]) for k, f in enumerate(FORMATS)}
