@@ -26,6 +26,7 @@ CODECS = {  # topic field in settings -> schema name
     "labelled_events": "labelled_event",
     "model_updates": "model_update",
     "dead_letters": "dead_letter",
+    "labeler_state": "labeler_state",
 }
 
 
@@ -105,25 +106,48 @@ def run_scoring(settings: Settings, stop: Event) -> None:
 
 
 def run_labeler(settings: Settings, stop: Event) -> None:
+    from streaming.changelog import read_changelog
+
     endpoints = endpoints_for(settings, "kafka")
-    store = open_store(settings.feast, endpoints.redis)
     topics = settings.kafka.topics
-    labeler = Labeler(
-        topics.feature_log.name,
-        topics.labelled_events.name,
-        settings.labeler.attribution_window_s,
-        push_counters=counter_pusher(store),
-    )
+    if settings.labeler.guarantee != "exactly-once":
+        raise ValueError(
+            "labeler.guarantee must be exactly-once: its state changelog is only "
+            "consistent with its labels inside a transaction"
+        )
+    spec = (topics.feature_log, topics.ad_clicks, topics.labeler_state)
+    if len({t.partitions for t in spec}) != 1:
+        raise ValueError(
+            "feature_log, ad_clicks and labeler_state need one partition count: "
+            "the labeler's state is kept per input partition"
+        )
+    store = open_store(settings.feast, endpoints.redis)
     app = _app(
         settings,
         "labeler",
         settings.labeler.group_id,
         ("feature_log", "ad_clicks"),
-        ("labelled_events",),
+        ("labelled_events", "labeler_state"),
         settings.labeler.batch_size,
+        settings.labeler.guarantee,
     )
-    log.info("labeler running (window %.1fs)", settings.labeler.attribution_window_s)
-    app.run(labeler, stop, commit_policy=labeler.safe_offsets)
+    state, bootstrap = topics.labeler_state.name, endpoints.kafka or ""
+    labeler = Labeler(
+        topics.feature_log.name,
+        topics.labelled_events.name,
+        state,
+        settings.labeler.attribution_window_s,
+        read_state=lambda partitions: read_changelog(
+            bootstrap, state, app.sinks[state], partitions
+        ),
+        push_counters=counter_pusher(store),
+    )
+    log.info(
+        "labeler running (window %.1fs, %s)",
+        settings.labeler.attribution_window_s,
+        settings.labeler.guarantee,
+    )
+    app.run(labeler, stop, hooks=labeler)
 
 
 def run_trainer(settings: Settings, stop: Event) -> None:

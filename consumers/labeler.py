@@ -8,16 +8,33 @@
 * A duplicate click counts once; a click whose impression never shows up (within the
   window) goes to the dead-letter topic.
 
-Windows close on the later of the records' event time and the wall clock, so an idle
-stream still emits its negatives.
+Time is per input partition and per topic, in event time: a window closes once the
+clicks of its partition have been read past it (a click read later is late), a click is
+unknown once the impressions of its partition have been read a window past it, and a
+labelled impression is forgotten once the clicks have been read ten windows past it. So
+catching up after a crash decides as the live run would have. A topic of a partition
+from which nothing was read for a window of wall-clock time counts as read up to the wall
+clock, so a quiet stream still emits its negatives and its unknown clicks (a partition
+just assigned has that window to fetch its backlog).
 
-Delivery guarantee: at-least-once. State lives in memory; the offsets committed for a
-partition stop below its oldest impression or click still waiting, so a crash re-reads
-everything not yet labelled and nothing is lost. Labels emitted before a crash may be
-emitted again (keyed by request id).
+Delivery guarantee: exactly-once (the StreamApp's ``exactly-once`` mode, required).
+feature-log and ad-clicks are keyed by request id with one partition count, so an
+impression and its clicks share a partition number n (the range assignor gives both
+partitions n to one worker). Every change of the state of partition n (pending and
+labelled impressions, orphan clicks, counters) is written to partition n of the compacted
+changelog topic (``kafka.topics.labeler_state``) in the Kafka transaction that also holds
+the batch's labels, dead letters and consumed offsets: all of it is committed, or none.
+On assignment the labeler reads its partitions' changelog back (``read_committed``) and
+goes on from the committed offsets, so a crash loses no label and emits none twice.
+At-least-once is refused: without the transaction a crash could leave the changelog
+ahead of the labels it goes with, and those labels would be lost.
 
 It also keeps per-user and per-ad impression and click counters and pushes them into
-Feast's push sources, so scoring sees fresh counters.
+Feast's push sources, so scoring sees fresh counters. Counters are kept per partition
+(one user's impressions come from every partition) and pushed as the sum over this
+worker's partitions: exact with one labeler worker (the default), a worker's share with
+more. A push happens before its transaction commits; a crash before the commit is
+corrected by the push of the replayed batch.
 """
 
 from __future__ import annotations
@@ -26,7 +43,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import TopicPartition
@@ -35,6 +52,10 @@ from streaming.app import BatchResult, Output, Record
 
 log = logging.getLogger(__name__)
 
+# Reads the changelog of the given partitions: partition -> key -> latest value.
+ReadState = Callable[[list[int]], dict[int, dict[str, dict[str, Any]]]]
+PushCounters = Callable[[dict[str, list[int]], dict[str, list[int]]], None]
+
 
 @dataclass
 class Pending:
@@ -42,7 +63,6 @@ class Pending:
 
     impression: dict[str, Any]
     closes_at_ms: int
-    where: tuple[str, int, int]  # topic, partition, offset
 
 
 @dataclass
@@ -54,16 +74,49 @@ class Decided:
     impression: dict[str, Any]
 
 
+@dataclass
+class Progress:
+    """How far one input topic of a partition has been read."""
+
+    event_ms: int = 0  # the latest event time read
+    read_at_ms: int | None = None  # wall clock of the last read; None: never
+
+    def read(self, event_ms: int, clock_ms: int) -> None:
+        self.event_ms = max(self.event_ms, event_ms)
+        self.read_at_ms = clock_ms
+
+    def now(self, clock_ms: int, window_ms: int) -> int:
+        """The event time read so far; the wall clock once nothing was read for a window
+        (then nothing older is on its way)."""
+        if self.read_at_ms is None or clock_ms - self.read_at_ms >= window_ms:
+            return clock_ms
+        return self.event_ms
+
+
+@dataclass
+class PartitionState:
+    """Everything the labeler holds for input partition n (feature-log n, ad-clicks n);
+    keys are the changelog's: request ids, and ``user:<id>`` / ``ad:<id>`` counters."""
+
+    pending: dict[str, Pending] = field(default_factory=dict)
+    orphans: dict[str, Record] = field(default_factory=dict)  # clicks before impressions
+    decided: dict[str, Decided] = field(default_factory=dict)
+    counters: dict[str, list[int]] = field(default_factory=dict)  # [impressions, clicks]
+    impressions: Progress = field(default_factory=Progress)
+    clicks: Progress = field(default_factory=Progress)
+
+
 def _wrong_ad(click: dict[str, Any]) -> str:
     return f"click on ad {click['ad_id']} that request {click['request_id']} did not serve"
 
 
 class Labeler:
-    """StreamApp handler over feature-log and ad-clicks.
+    """StreamApp handler over feature-log and ad-clicks, and its ``PartitionHooks``.
 
     Args:
-        feature_log_topic, labelled_topic: topic names.
+        feature_log_topic, labelled_topic, state_topic: topic names (state: the changelog).
         window_s: attribution window.
+        read_state: reads the changelog of partitions on assignment; None starts empty.
         push_counters: called with (user counters, ad counters) to push into Feast, or None.
         clock_ms: the wall clock (milliseconds), replaceable in tests.
     """
@@ -72,117 +125,210 @@ class Labeler:
         self,
         feature_log_topic: str,
         labelled_topic: str,
+        state_topic: str,
         window_s: float,
-        push_counters: Callable[[dict[str, list[int]], dict[str, list[int]]], None] | None = None,
+        read_state: ReadState | None = None,
+        push_counters: PushCounters | None = None,
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self.feature_log_topic = feature_log_topic
         self.labelled_topic = labelled_topic
+        self.state_topic = state_topic
         self.window_ms = int(window_s * 1000)
+        self.read_state = read_state
         self.push_counters = push_counters
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
-        self.pending: dict[str, Pending] = {}
-        self.orphans: dict[str, Record] = {}  # clicks whose impression has not arrived yet
-        self.decided: dict[str, Decided] = {}
-        self.watermark_ms = 0
+        self.partitions: dict[int, PartitionState] = {}
         self.counts: Counter[str] = Counter()
-        self.user_counters: dict[str, list[int]] = {}  # user_id -> [impressions, clicks]
-        self.ad_counters: dict[str, list[int]] = {}
-        self._dirty_users: set[str] = set()
-        self._dirty_ads: set[str] = set()
-        self._read: dict[tuple[str, int], int] = {}  # (topic, partition) -> last offset read
+        self._changed: dict[int, set[str]] = {}  # keys changed in this batch, per partition
+        self._unpushed: set[str] = set()  # counter keys changed since the last push
+
+    # --- partitions ------------------------------------------------------------------
+
+    def on_assign(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """Restores the state of the newly assigned partition numbers from the changelog;
+        reading resumes at the committed offsets, which go with that state."""
+        numbers = sorted({tp.partition for tp in partitions} - set(self.partitions))
+        state = self.read_state(numbers) if self.read_state and numbers else {}
+        for n in numbers:
+            self.restore(n, state.get(n, {}))
+        return partitions
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        for n in {tp.partition for tp in partitions}:
+            self.partitions.pop(n, None)
+
+    def restore(self, partition: int, entries: dict[str, dict[str, Any]]) -> None:
+        """Sets the state of ``partition`` from its changelog entries (key -> latest value)."""
+        clock = self.clock_ms()
+        # Both topics count as being read: the backlog decides in event time, not the clock.
+        state = PartitionState(impressions=Progress(0, clock), clicks=Progress(0, clock))
+        for key, entry in entries.items():
+            if entry["counter"] is not None:
+                state.counters[key] = [entry["counter"]["impressions"], entry["counter"]["clicks"]]
+            elif entry["orphan_click"] is not None:
+                o = entry["orphan_click"]
+                state.orphans[key] = Record(
+                    o["topic"], partition, o["offset"], o["key"], o["click"], o["raw"]
+                )
+            elif entry["label"] is None:
+                state.pending[key] = self._pending(entry["impression"])
+            else:
+                state.decided[key] = self._decided(entry["label"], entry["impression"])
+        self.partitions[partition] = state
+        log.info(
+            "partition %d restored: %d pending, %d orphan clicks, %d labelled, %d counters",
+            partition,
+            len(state.pending),
+            len(state.orphans),
+            len(state.decided),
+            len(state.counters),
+        )
 
     # --- the batch -----------------------------------------------------------------
 
     def __call__(self, records: list[Record]) -> BatchResult:
         result = BatchResult()
+        clock = self.clock_ms()
         for record in records:
-            self.watermark_ms = max(self.watermark_ms, record.value["event_time"])
+            n = record.partition
+            state = self.partitions.setdefault(n, PartitionState())
             if record.topic == self.feature_log_topic:
-                self._on_impression(record, result)
+                state.impressions.read(record.value["event_time"], clock)
+                self._on_impression(n, state, record, result)
             else:
-                self._on_click(record, result)
-        now = max(self.watermark_ms, self.clock_ms())
-        self._close_windows(now, result)
-        self._expire_orphans(now, result)
-        self.decided = {k: d for k, d in self.decided.items() if d.forget_at_ms > now}
-        if self.push_counters and (self._dirty_users or self._dirty_ads):
-            self.push_counters(
-                {u: self.user_counters[u] for u in self._dirty_users},
-                {a: self.ad_counters[a] for a in self._dirty_ads},
-            )
-            self._dirty_users.clear()
-            self._dirty_ads.clear()
+                state.clicks.read(record.value["event_time"], clock)
+                self._on_click(n, state, record, result)
+        for n, state in self.partitions.items():
+            self._close_windows(n, state, state.clicks.now(clock, self.window_ms), result)
+            self._expire_orphans(n, state, state.impressions.now(clock, self.window_ms), result)
+            self._forget(n, state, state.clicks.now(clock, self.window_ms))
+        result.outputs.extend(self._changelog())
+        if self.push_counters and self._unpushed:
+            self.push_counters(*self._totals(self._unpushed))
+            self._unpushed.clear()
         return result
 
-    def _on_impression(self, record: Record, result: BatchResult) -> None:
+    def _on_impression(
+        self, n: int, state: PartitionState, record: Record, result: BatchResult
+    ) -> None:
         row = record.value
         request_id = row["request_id"]
-        if request_id in self.pending or request_id in self.decided:
+        if request_id in state.pending or request_id in state.decided:
             self.counts["duplicate_impressions"] += 1  # re-scored after a scorer crash
             return
-        self._count(row["user_id"], row["ad_id"], impressions=1, clicks=0)
-        self.pending[request_id] = Pending(
-            row,
-            row["event_time"] + self.window_ms,
-            (record.topic, record.partition, record.offset),
-        )
-        orphan = self.orphans.pop(request_id, None)
+        self._count(n, state, row["user_id"], row["ad_id"], impressions=1, clicks=0)
+        state.pending[request_id] = self._pending(row)
+        self._changed_key(n, request_id)
+        orphan = state.orphans.pop(request_id, None)
         if orphan is not None:  # the click overtook its impression
-            self._on_click(orphan, result)
+            self._on_click(n, state, orphan, result)
 
-    def _on_click(self, record: Record, result: BatchResult) -> None:
+    def _on_click(self, n: int, state: PartitionState, record: Record, result: BatchResult) -> None:
         click = record.value
         request_id = click["request_id"]
-        pending = self.pending.get(request_id)
+        pending = state.pending.get(request_id)
         if pending is not None and click["event_time"] > pending.closes_at_ms:
             # Its window closed in event time before the click: the negative stands first.
-            self._emit(self.pending.pop(request_id).impression, None, late=False, result=result)
+            self._emit(n, state, state.pending.pop(request_id).impression, None, False, result)
             pending = None
         if pending is not None:
             if click["ad_id"] != pending.impression["ad_id"]:
                 result.dead_letters.append((record, _wrong_ad(click)))
                 return
-            del self.pending[request_id]
-            self._emit(pending.impression, click, late=False, result=result)
+            del state.pending[request_id]
+            self._emit(n, state, pending.impression, click, False, result)
             return
-        decided = self.decided.get(request_id)
+        decided = state.decided.get(request_id)
         if decided is not None:
             if click["ad_id"] != decided.impression["ad_id"]:
                 result.dead_letters.append((record, _wrong_ad(click)))
             elif decided.label == 1:
                 self.counts["duplicate_clicks"] += 1
             else:
-                self._emit(decided.impression, click, late=True, result=result)
+                self._emit(n, state, decided.impression, click, True, result)
             return
-        if request_id in self.orphans:
+        if request_id in state.orphans:
             self.counts["duplicate_clicks"] += 1
             return
         # Unknown so far: wait one window for its impression before calling it unknown.
-        self.orphans[request_id] = record
+        state.orphans[request_id] = record
+        self._changed_key(n, request_id)
 
-    def _close_windows(self, now_ms: int, result: BatchResult) -> None:
-        for request_id in [k for k, p in self.pending.items() if p.closes_at_ms <= now_ms]:
-            self._emit(self.pending.pop(request_id).impression, None, late=False, result=result)
+    def _close_windows(
+        self, n: int, state: PartitionState, now_ms: int, result: BatchResult
+    ) -> None:
+        for request_id in [k for k, p in state.pending.items() if p.closes_at_ms <= now_ms]:
+            self._emit(n, state, state.pending.pop(request_id).impression, None, False, result)
 
-    def _expire_orphans(self, now_ms: int, result: BatchResult) -> None:
+    def _expire_orphans(
+        self, n: int, state: PartitionState, now_ms: int, result: BatchResult
+    ) -> None:
         expired = [
-            k for k, r in self.orphans.items() if r.value["event_time"] + self.window_ms <= now_ms
+            k for k, r in state.orphans.items() if r.value["event_time"] + self.window_ms <= now_ms
         ]
         for request_id in expired:
             self.counts["unknown_clicks"] += 1
+            self._changed_key(n, request_id)
             result.dead_letters.append(
                 (
-                    self.orphans.pop(request_id),
+                    state.orphans.pop(request_id),
                     f"click for unknown impression {request_id} "
                     "(none within the attribution window)",
                 )
             )
 
+    def _forget(self, n: int, state: PartitionState, now_ms: int) -> None:
+        for request_id in [k for k, d in state.decided.items() if d.forget_at_ms <= now_ms]:
+            del state.decided[request_id]
+            self._changed_key(n, request_id)
+
+    # --- state -----------------------------------------------------------------------
+
+    def _pending(self, impression: dict[str, Any]) -> Pending:
+        return Pending(impression, impression["event_time"] + self.window_ms)
+
+    def _decided(self, label: int, impression: dict[str, Any]) -> Decided:
+        # Remembered for ten windows: later clicks are duplicates or late positives.
+        return Decided(label, impression["event_time"] + 10 * self.window_ms, impression)
+
+    def _changed_key(self, n: int, key: str) -> None:
+        self._changed.setdefault(n, set()).add(key)
+
+    def _changelog(self) -> list[Output]:
+        """One changelog record per key changed in this batch, holding its latest value
+        (None: a tombstone), in the partition of the inputs that changed it."""
+        outputs = [
+            Output(self.state_topic, key, self._entry(self.partitions[n], key), partition=n)
+            for n, keys in self._changed.items()
+            for key in sorted(keys)
+        ]
+        self._changed.clear()
+        return outputs
+
+    @staticmethod
+    def _entry(state: PartitionState, key: str) -> dict[str, Any] | None:
+        """The changelog value of ``key`` (the labeler_state schema), None when it is gone."""
+        if key in state.counters:
+            impressions, clicks = state.counters[key]
+            return {"counter": {"impressions": impressions, "clicks": clicks}}
+        if key in state.pending:
+            return {"impression": state.pending[key].impression, "label": None}
+        if key in state.decided:
+            decided = state.decided[key]
+            return {"impression": decided.impression, "label": decided.label}
+        if key in state.orphans:
+            r = state.orphans[key]
+            orphan = {"click": r.value, "topic": r.topic, "offset": r.offset, "key": r.key}
+            return {"orphan_click": {**orphan, "raw": r.raw}}
+        return None
+
     # --- outputs -------------------------------------------------------------------
 
     def _emit(
         self,
+        n: int,
+        state: PartitionState,
         impression: dict[str, Any],
         click: dict[str, Any] | None,
         late: bool,
@@ -191,12 +337,10 @@ class Labeler:
         label = 1 if click is not None else 0
         delay = click["event_time"] - impression["event_time"] if click else None
         if label:
-            self._count(impression["user_id"], impression["ad_id"], impressions=0, clicks=1)
+            self._count(n, state, impression["user_id"], impression["ad_id"], 0, 1)
         self.counts["late_positives" if late else ("positives" if label else "negatives")] += 1
-        # Remember the decision for ten windows: later clicks are duplicates or late positives.
-        self.decided[impression["request_id"]] = Decided(
-            label, impression["event_time"] + 10 * self.window_ms, impression
-        )
+        state.decided[impression["request_id"]] = self._decided(label, impression)
+        self._changed_key(n, impression["request_id"])
         result.outputs.append(
             Output(
                 self.labelled_topic,
@@ -211,32 +355,41 @@ class Labeler:
             )
         )
 
-    def _count(self, user_id: str, ad_id: str, impressions: int, clicks: int) -> None:
-        for table, key, dirty in (
-            (self.user_counters, user_id, self._dirty_users),
-            (self.ad_counters, ad_id, self._dirty_ads),
-        ):
-            counter = table.setdefault(key, [0, 0])
+    # --- counters ------------------------------------------------------------------
+
+    def _count(
+        self, n: int, state: PartitionState, user_id: str, ad_id: str, impressions: int, clicks: int
+    ) -> None:
+        for key in (f"user:{user_id}", f"ad:{ad_id}"):
+            counter = state.counters.setdefault(key, [0, 0])
             counter[0] += impressions
             counter[1] += clicks
-            dirty.add(key)
+            self._changed_key(n, key)
+            self._unpushed.add(key)
 
-    # --- offsets -------------------------------------------------------------------
+    def _totals(self, keys: set[str]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        """(user id -> [impressions, clicks], ad id -> ...) summed over this worker's
+        partitions, for the counter keys given."""
+        users: dict[str, list[int]] = {}
+        ads: dict[str, list[int]] = {}
+        for key in keys:
+            kind, _, entity = key.partition(":")
+            total = [0, 0]
+            for state in self.partitions.values():
+                counter = state.counters.get(key, (0, 0))
+                total = [total[0] + counter[0], total[1] + counter[1]]
+            (users if kind == "user" else ads)[entity] = total
+        return users, ads
 
-    def safe_offsets(self, records: list[Record]) -> list[TopicPartition]:
-        """Per partition read so far: the oldest offset still waiting, else past the last read.
+    @property
+    def user_counters(self) -> dict[str, list[int]]:
+        """user id -> [impressions, clicks] over this worker's partitions."""
+        return self._totals(self._counter_keys())[0]
 
-        Covers every partition read since start, not only this batch's: a batch that
-        decides an impression may hold no record of the impression's own partition.
-        """
-        for record in records:
-            key = (record.topic, record.partition)
-            self._read[key] = max(self._read.get(key, -1), record.offset)
-        next_offsets = {key: offset + 1 for key, offset in self._read.items()}
-        places = [p.where for p in self.pending.values()] + [
-            (r.topic, r.partition, r.offset) for r in self.orphans.values()
-        ]
-        for topic, partition, offset in places:
-            key = (topic, partition)
-            next_offsets[key] = min(next_offsets.get(key, offset), offset)
-        return [TopicPartition(t, p, offset) for (t, p), offset in next_offsets.items()]
+    @property
+    def ad_counters(self) -> dict[str, list[int]]:
+        """ad id -> [impressions, clicks] over this worker's partitions."""
+        return self._totals(self._counter_keys())[1]
+
+    def _counter_keys(self) -> set[str]:
+        return {key for state in self.partitions.values() for key in state.counters}

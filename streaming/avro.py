@@ -38,6 +38,12 @@ SCHEMA_FILES = {
     "labelled_event": "labelled_event.avsc",
     "model_update": "model_update.avsc",
     "dead_letter": "dead_letter.avsc",
+    "labeler_state": "labeler_state.avsc",
+}
+# Records a schema embeds by name from other files (each at most once per schema).
+EMBEDS = {
+    "labelled_event": {"camoe.FeatureLogRow": "feature_log"},
+    "labeler_state": {"camoe.FeatureLogRow": "feature_log", "camoe.AdClick": "ad_click"},
 }
 
 
@@ -57,7 +63,7 @@ def schema_json(name: str) -> dict[str, Any]:
     """The schema of one topic contract as JSON, other files' records inlined."""
     if name not in SCHEMA_FILES:
         raise KeyError(f"no schema named {name!r}; known: {', '.join(SCHEMA_FILES)}")
-    named = {"camoe.FeatureLogRow": schema_json("feature_log")} if name == "labelled_event" else {}
+    named = {full: schema_json(other) for full, other in EMBEDS.get(name, {}).items()}
     return _inline_named(json.loads((SCHEMA_DIR / SCHEMA_FILES[name]).read_text()), named)
 
 

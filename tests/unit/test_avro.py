@@ -78,6 +78,23 @@ SAMPLES = {
         "examples_trained": 6_000,
         "metrics": {"auc": 0.71, "logloss": 0.052},
     },
+    "labeler_state": {
+        "impression": None,
+        "label": None,
+        "orphan_click": {
+            "click": {
+                "request_id": "req-000123",
+                "ad_id": "ad-007",
+                "user_id": "user-0042",
+                "event_time": T0 + 2_300,
+            },
+            "topic": "ad-clicks",
+            "offset": 1_234,
+            "key": b"req-000123",
+            "raw": b"\xc3\x01 the click as read",
+        },
+        "counter": None,
+    },
     "dead_letter": {
         "source_topic": "ad-clicks",
         "partition": 2,
@@ -155,6 +172,20 @@ def test_header_is_marker_and_little_endian_crc64_fingerprint(name):
     data = AvroCodec(name).encode(SAMPLES[name])
     assert data[:2] == SINGLE_OBJECT_MARKER == b"\xc3\x01"
     assert data[2:10] == expected
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"impression": FEATURE_LOG_ROW, "label": None},
+        {"impression": FEATURE_LOG_ROW, "label": 0},
+        {"counter": {"impressions": 12, "clicks": 1}},
+    ],
+)
+def test_labeler_state_entries_round_trip(entry):
+    codec = AvroCodec("labeler_state")
+    empty = {"impression": None, "label": None, "orphan_click": None, "counter": None}
+    assert_same(codec.decode(codec.encode(entry)), {**empty, **entry})
 
 
 def test_labelled_event_with_null_delay_round_trips():

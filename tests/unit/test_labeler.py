@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from confluent_kafka import TopicPartition
 
 from consumers.labeler import Labeler
 from streaming.app import BatchResult, Record
@@ -13,9 +14,13 @@ from streaming.avro import AvroCodec
 FEATURE_LOG = "feature-log"
 CLICKS = "ad-clicks"
 LABELLED = "labelled-events"
+STATE = "labeler-state"
 WINDOW_S = 10.0
 WINDOW_MS = 10_000
 T0 = 1_700_000_000_000
+
+LABELLED_CODEC = AvroCodec("labelled_event")
+STATE_CODEC = AvroCodec("labeler_state")
 
 
 class FakeClock:
@@ -40,12 +45,42 @@ class Offsets:
         return offset
 
 
+class Changelog:
+    """The labeler's changelog outputs, compacted as Kafka would keep them: per partition,
+    each key's latest value (encoded and decoded with the topic's Avro codec), tombstoned
+    keys gone."""
+
+    def __init__(self):
+        self.state = {}
+
+    def write(self, outputs):
+        for output in outputs:
+            if output.topic != STATE:
+                continue
+            assert output.partition is not None, "changelog records are pinned"
+            entries = self.state.setdefault(output.partition, {})
+            if output.value is None:
+                entries.pop(output.key, None)
+            else:
+                entries[output.key] = STATE_CODEC.decode(STATE_CODEC.encode(output.value))
+
+    def read(self, partitions):
+        return {p: copy.deepcopy(self.state.get(p, {})) for p in partitions}
+
+
 class Harness:
-    def __init__(self, push_counters=None):
-        self.clock = FakeClock()
+    def __init__(self, push_counters=None, changelog=None, clock=None):
+        self.clock = clock or FakeClock()
         self.offsets = Offsets()
+        self.changelog = changelog or Changelog()
         self.labeler = Labeler(
-            FEATURE_LOG, LABELLED, WINDOW_S, push_counters=push_counters, clock_ms=self.clock
+            FEATURE_LOG,
+            LABELLED,
+            STATE,
+            WINDOW_S,
+            read_state=self.changelog.read,
+            push_counters=push_counters,
+            clock_ms=self.clock,
         )
 
     def impression(self, request_id, t, ad_id="ad-1", user_id="user-1", partition=0):
@@ -67,13 +102,14 @@ class Harness:
     def click(self, request_id, t, ad_id="ad-1", user_id="user-1", partition=0):
         value = {"request_id": request_id, "ad_id": ad_id, "user_id": user_id, "event_time": t}
         offset = self.offsets(CLICKS, partition)
-        return Record(CLICKS, partition, offset, request_id.encode(), value, b"")
+        return Record(CLICKS, partition, offset, request_id.encode(), value, b"click")
 
     def __call__(self, *records, now=None):
         if now is not None:
             self.clock.now_ms = now
         result = self.labeler(list(records))
         assert isinstance(result, BatchResult)
+        self.changelog.write(result.outputs)
         return result
 
 
@@ -82,16 +118,19 @@ def h():
     return Harness()
 
 
-LABELLED_CODEC = AvroCodec("labelled_event")
+def labels(result):
+    """The labelled-events outputs (the rest are changelog records)."""
+    outputs = [o for o in result.outputs if o.topic != STATE]
+    assert all(o.topic == LABELLED for o in outputs)
+    for output in outputs:  # each must honour the labelled-events contract
+        LABELLED_CODEC.decode(LABELLED_CODEC.encode(output.value))
+    return outputs
 
 
 def only_output(result):
-    assert len(result.outputs) == 1, result.outputs
-    output = result.outputs[0]
-    assert output.topic == LABELLED
-    # The output must honour the labelled-events contract.
-    LABELLED_CODEC.decode(LABELLED_CODEC.encode(output.value))
-    return output
+    outputs = labels(result)
+    assert len(outputs) == 1, outputs
+    return outputs[0]
 
 
 # --- labels ---------------------------------------------------------------------------
@@ -110,31 +149,31 @@ def test_click_inside_window_is_a_positive_at_once(h):
     assert result.dead_letters == []
     assert h.labeler.counts["positives"] == 1
     # Nothing is emitted again when the window closes.
-    assert h(now=T0 + 5 * WINDOW_MS).outputs == []
+    assert labels(h(now=T0 + 5 * WINDOW_MS)) == []
 
 
 def test_click_in_a_later_batch_inside_window(h):
-    assert h(h.impression("r1", T0), now=T0).outputs == []
+    assert labels(h(h.impression("r1", T0), now=T0)) == []
     out = only_output(h(h.click("r1", T0 + 9_000), now=T0 + 9_100))
     assert out.value["label"] == 1 and out.value["click_delay_ms"] == 9_000
 
 
 def test_no_click_is_a_negative_only_once_the_window_closes(h):
-    assert h(h.impression("r1", T0), now=T0 + 1_000).outputs == []
-    assert h(now=T0 + WINDOW_MS - 1).outputs == []
+    assert labels(h(h.impression("r1", T0), now=T0 + 1_000)) == []
+    assert labels(h(now=T0 + WINDOW_MS - 1)) == []
     out = only_output(h(now=T0 + WINDOW_MS))
     assert out.key == "r1"
     assert out.value["label"] == 0
     assert out.value["click_delay_ms"] is None
     assert out.value["late_positive"] is False
     assert h.labeler.counts["negatives"] == 1
-    assert h(now=T0 + 3 * WINDOW_MS).outputs == []  # emitted once
+    assert labels(h(now=T0 + 3 * WINDOW_MS)) == []  # emitted once
 
 
-def test_event_time_of_later_records_closes_windows_even_if_the_clock_lags(h):
-    h(h.impression("r1", T0), now=T0)
-    out = only_output(h(h.impression("r2", T0 + WINDOW_MS), now=T0))
-    assert out.key == "r1" and out.value["label"] == 0
+def test_event_time_of_later_clicks_closes_windows_even_if_the_clock_lags(h):
+    h(h.impression("r1", T0), h.impression("r2", T0 + 5_000), now=T0)
+    result = h(h.click("r2", T0 + WINDOW_MS), now=T0)
+    assert [(o.key, o.value["label"]) for o in labels(result)] == [("r2", 1), ("r1", 0)]
 
 
 def test_click_after_window_closed_is_a_late_positive(h):
@@ -148,7 +187,7 @@ def test_click_after_window_closed_is_a_late_positive(h):
     assert h.labeler.counts["late_positives"] == 1
     assert h.labeler.user_counters["user-1"] == [1, 1]
     # A second copy of the late click is a duplicate, not another event.
-    assert h(h.click("r1", T0 + 12_000), now=T0 + 13_000).outputs == []
+    assert labels(h(h.click("r1", T0 + 12_000), now=T0 + 13_000)) == []
     assert h.labeler.counts["duplicate_clicks"] == 1
 
 
@@ -157,22 +196,22 @@ def test_duplicate_click_counts_once(h):
         h.impression("r1", T0), h.click("r1", T0 + 1_000), h.click("r1", T0 + 1_000), now=T0 + 2_000
     )
     assert only_output(result).value["label"] == 1
-    assert h(h.click("r1", T0 + 1_000), now=T0 + 3_000).outputs == []  # a redelivery, later
+    assert labels(h(h.click("r1", T0 + 1_000), now=T0 + 3_000)) == []  # a redelivery, later
     assert h.labeler.counts["duplicate_clicks"] == 2
     assert h.labeler.counts["positives"] == 1
     assert h.labeler.user_counters["user-1"] == [1, 1]
     assert h.labeler.ad_counters["ad-1"] == [1, 1]
-    assert h(now=T0 + 5 * WINDOW_MS).outputs == []
+    assert labels(h(now=T0 + 5 * WINDOW_MS)) == []
 
 
 def test_click_before_its_impression_is_held_then_joined(h):
     result = h(h.click("r1", T0 + 2_000), now=T0 + 2_100)
-    assert result.outputs == [] and result.dead_letters == []
+    assert labels(result) == [] and result.dead_letters == []
     out = only_output(h(h.impression("r1", T0), now=T0 + 2_200))
     assert out.value["label"] == 1
     assert out.value["click_delay_ms"] == 2_000
     assert out.value["late_positive"] is False
-    assert h.labeler.orphans == {}
+    assert h.labeler.partitions[0].orphans == {}
     assert h(now=T0 + 5 * WINDOW_MS).dead_letters == []
 
 
@@ -187,7 +226,7 @@ def test_click_for_unknown_impression_is_dead_lettered_after_the_window(h):
     assert h(click, now=T0 + 1_000).dead_letters == []
     assert h(now=T0 + WINDOW_MS - 1).dead_letters == []
     result = h(now=T0 + WINDOW_MS)
-    assert result.outputs == []
+    assert labels(result) == []
     assert len(result.dead_letters) == 1
     record, reason = result.dead_letters[0]
     assert record is click
@@ -199,21 +238,23 @@ def test_click_for_unknown_impression_is_dead_lettered_after_the_window(h):
 def test_click_naming_another_ad_is_dead_lettered(h):
     wrong = h.click("r1", T0 + 1_000, ad_id="ad-2")
     result = h(h.impression("r1", T0, ad_id="ad-1"), wrong, now=T0 + 1_500)
-    assert result.outputs == []
+    assert labels(result) == []
     assert len(result.dead_letters) == 1
     record, reason = result.dead_letters[0]
     assert record is wrong
     assert "ad-2" in reason and "r1" in reason
     assert h.labeler.ad_counters["ad-1"] == [1, 0]
-    # The impression still waits for its own click, and closes as a negative without one.
-    assert only_output(h(now=T0 + WINDOW_MS)).value["label"] == 0
+    # The impression still waits for its own click, and closes as a negative without one
+    # (by the wall clock once no click was read for a window).
+    assert labels(h(now=T0 + 1_500 + WINDOW_MS - 1)) == []
+    assert only_output(h(now=T0 + 1_500 + WINDOW_MS)).value["label"] == 0
 
 
 def test_orphan_click_naming_another_ad_is_dead_lettered_when_the_impression_arrives(h):
     wrong = h.click("r1", T0 + 1_000, ad_id="ad-2")
     h(wrong, now=T0 + 1_000)
     result = h(h.impression("r1", T0, ad_id="ad-1"), now=T0 + 1_100)
-    assert result.outputs == []
+    assert labels(result) == []
     assert [record for record, _ in result.dead_letters] == [wrong]
 
 
@@ -221,79 +262,169 @@ def test_late_click_naming_another_ad_is_dead_lettered(h):
     h(h.impression("r1", T0, ad_id="ad-1"), now=T0)
     h(now=T0 + WINDOW_MS)  # the negative
     result = h(h.click("r1", T0 + 12_000, ad_id="ad-2"), now=T0 + 12_500)
-    assert result.outputs == []
+    assert labels(result) == []
     assert len(result.dead_letters) == 1
 
 
 def test_duplicate_impression_counted_once(h):
     first = h.impression("r1", T0)
     again = h.impression("r1", T0)
-    assert h(first, again, now=T0).outputs == []
+    assert labels(h(first, again, now=T0)) == []
     assert h.labeler.counts["duplicate_impressions"] == 1
     assert h.labeler.user_counters["user-1"] == [1, 0]
     assert only_output(h(now=T0 + WINDOW_MS)).value["label"] == 0
     # Re-scored again after it was labelled: still a duplicate, no second label.
-    assert h(h.impression("r1", T0), now=T0 + WINDOW_MS + 1).outputs == []
+    assert labels(h(h.impression("r1", T0), now=T0 + WINDOW_MS + 1)) == []
     assert h.labeler.counts["duplicate_impressions"] == 2
     assert h.labeler.user_counters["user-1"] == [1, 0]
 
 
-# --- offsets ----------------------------------------------------------------------------
+# --- state changelog -------------------------------------------------------------------
 
 
-def committed(offsets):
-    return {(tp.topic, tp.partition): tp.offset for tp in offsets}
+def changelog(result):
+    return {(o.partition, o.key): o.value for o in result.outputs if o.topic == STATE}
 
 
-def test_safe_offsets_stop_at_the_oldest_pending_item():
-    h = Harness()
-    h.offsets.next = {(FEATURE_LOG, 0): 10, (FEATURE_LOG, 1): 3, (CLICKS, 2): 5}
-    batch = [
-        h.impression("r1", T0, partition=0),  # feature-log/0 @10, clicked below
-        h.impression("r2", T0, partition=0),  # feature-log/0 @11, pending
-        h.impression("r3", T0, partition=0),  # feature-log/0 @12, pending
-        h.impression("r4", T0, partition=1),  # feature-log/1 @3, pending
-        h.click("r1", T0 + 1, partition=2),  # ad-clicks/2 @5, joined
-        h.click("ghost", T0 + 2, partition=2),  # ad-clicks/2 @6, orphan
-        h.click("r1", T0 + 3, partition=2),  # ad-clicks/2 @7, duplicate
-    ]
-    h(*batch, now=T0 + 100)
-    assert committed(h.labeler.safe_offsets(batch)) == {
-        (FEATURE_LOG, 0): 11,
-        (FEATURE_LOG, 1): 3,
-        (CLICKS, 2): 6,
+def test_every_state_change_is_a_changelog_record_pinned_to_its_input_partition(h):
+    result = h(h.impression("r1", T0, partition=2), h.click("ghost", T0, partition=3), now=T0)
+    assert changelog(result) == {
+        (2, "r1"): {"impression": h.labeler.partitions[2].pending["r1"].impression, "label": None},
+        (2, "user:user-1"): {"counter": {"impressions": 1, "clicks": 0}},
+        (2, "ad:ad-1"): {"counter": {"impressions": 1, "clicks": 0}},
+        (3, "ghost"): {
+            "orphan_click": {
+                "click": {
+                    "request_id": "ghost",
+                    "ad_id": "ad-1",
+                    "user_id": "user-1",
+                    "event_time": T0,
+                },
+                "topic": CLICKS,
+                "offset": 0,
+                "key": b"ghost",
+                "raw": b"click",
+            }
+        },
     }
+    # One record per changed key and batch, holding its latest value: pending, then labelled.
+    result = h(h.click("r1", T0 + 1_000, partition=2), now=T0 + 1_000)
+    assert changelog(result) == {
+        (2, "r1"): {"impression": h.labeler.partitions[2].decided["r1"].impression, "label": 1},
+        (2, "user:user-1"): {"counter": {"impressions": 1, "clicks": 1}},
+        (2, "ad:ad-1"): {"counter": {"impressions": 1, "clicks": 1}},
+    }
+    assert h(now=T0 + 2_000).outputs == []  # nothing changed, nothing written
 
 
-def test_safe_offsets_are_last_plus_one_when_nothing_waits():
+def test_entries_that_go_away_are_tombstones(h):
+    h(h.impression("r1", T0), h.click("ghost", T0), now=T0)
+    result = h(now=T0 + WINDOW_MS)  # r1 labelled 0, the ghost click dead-lettered
+    assert changelog(result) == {
+        (0, "r1"): {"impression": h.labeler.partitions[0].decided["r1"].impression, "label": 0},
+        (0, "ghost"): None,
+    }
+    assert changelog(h(now=T0 + 10 * WINDOW_MS)) == {(0, "r1"): None}  # forgotten
+    assert h.changelog.state[0].keys() == {"user:user-1", "ad:ad-1"}
+
+
+def scenario(h, n):
+    """Batch ``n`` of a little world: clicks in and after the window, duplicates, clicks
+    before their impressions, unknown and wrong-ad clicks, over two partitions."""
+    t = T0 + n * 3_000
+    batches = [
+        [h.impression("a", t, partition=0), h.impression("b", t, user_id="u2", partition=1)],
+        [h.click("a", t - 1_000, partition=0), h.click("c", t, partition=1)],
+        [h.impression("c", t - 5_000, partition=1), h.click("a", t - 2_000, partition=0)],
+        [h.impression("d", t, ad_id="ad-2", partition=0), h.click("ghost", t, partition=1)],
+        [h.click("d", t, ad_id="ad-9", partition=0), h.impression("e", t, partition=1)],
+        [],
+        [],
+        [h.click("b", t, user_id="u2", partition=1)],  # after b's window: a late positive
+        [h.click("e", t, partition=1), h.click("b", t, user_id="u2", partition=1)],
+        [h.impression("f", t, partition=0)],
+        [],
+        [],
+    ]
+    return h(*batches[n], now=t)
+
+
+def decisions(results):
+    return (
+        [
+            (o.key, o.value["label"], o.value["late_positive"], o.value["click_delay_ms"])
+            for r in results
+            for o in labels(r)
+        ],
+        [
+            (record.topic, record.partition, record.offset, reason)
+            for r in results
+            for record, reason in r.dead_letters
+        ],
+    )
+
+
+@pytest.mark.parametrize("crash_after", [1, 3, 5, 8, 10])
+def test_state_restored_from_the_changelog_gives_identical_decisions(crash_after):
+    whole = Harness()
+    expected = decisions([scenario(whole, n) for n in range(12)])
+    assert len(expected[0]) >= 6 and len(expected[1]) == 2  # the scenario is not trivial
+
+    first = Harness()
+    before = [scenario(first, n) for n in range(crash_after)]
+    # A fresh labeler takes over both partitions, restored from the compacted changelog.
+    again = Harness(changelog=first.changelog, clock=first.clock)
+    again.offsets = first.offsets
+    assignment = [TopicPartition(t, p) for t in (FEATURE_LOG, CLICKS) for p in (0, 1)]
+    assert again.labeler.on_assign(assignment) == assignment
+    after = [scenario(again, n) for n in range(crash_after, 12)]
+    assert decisions(before + after) == expected
+    assert again.labeler.user_counters == whole.labeler.user_counters
+    assert again.labeler.ad_counters == whole.labeler.ad_counters
+
+
+def test_a_backlog_read_after_a_restart_is_decided_in_event_time():
     h = Harness()
-    h.offsets.next = {(FEATURE_LOG, 0): 40, (CLICKS, 1): 7}
-    batch = [h.impression("r1", T0), h.click("r1", T0 + 5, partition=1)]
-    h(*batch, now=T0 + 10)
-    assert committed(h.labeler.safe_offsets(batch)) == {(FEATURE_LOG, 0): 41, (CLICKS, 1): 8}
+    h(h.impression("neg", T0), h.impression("late", T0), now=T0)
+    h(h.click("late-anchor", T0 + WINDOW_MS), now=T0 + WINDOW_MS)  # closes both windows
+    restarted = Harness(changelog=h.changelog)
+    restarted.offsets = h.offsets
+    # Long after, the restarted labeler reads its backlog: a click before its impression,
+    # and a late click for an impression labelled ages ago by the wall clock.
+    restarted.clock.now_ms = T0 + 100 * WINDOW_MS
+    restarted.labeler.on_assign([TopicPartition(FEATURE_LOG, 0), TopicPartition(CLICKS, 0)])
+    result = restarted(
+        restarted.click("r1", T0 + 2 * WINDOW_MS + 500),
+        restarted.click("late", T0 + 2 * WINDOW_MS),
+    )
+    assert result.dead_letters == []  # the orphan waits for the impressions to catch up
+    assert [(o.key, o.value["late_positive"]) for o in labels(result)] == [("late", True)]
+    out = only_output(restarted(restarted.impression("r1", T0 + 2 * WINDOW_MS)))
+    assert out.key == "r1" and out.value["label"] == 1 and not out.value["late_positive"]
 
 
-def test_safe_offsets_advance_as_windows_close():
-    h = Harness()
-    first = [h.impression("r1", T0), h.impression("r2", T0 + 5_000)]  # @0, @1
-    h(*first, now=T0 + 5_000)
-    assert committed(h.labeler.safe_offsets(first)) == {(FEATURE_LOG, 0): 0}
-    second = [h.impression("r3", T0 + WINDOW_MS)]  # @2; closes r1's window by event time
-    h(*second, now=T0 + WINDOW_MS)
-    assert committed(h.labeler.safe_offsets(second)) == {(FEATURE_LOG, 0): 1}
-    third = [h.impression("r4", T0 + 3 * WINDOW_MS)]  # @3; closes r2 and r3
-    h(*third, now=T0 + 3 * WINDOW_MS)
-    assert committed(h.labeler.safe_offsets(third)) == {(FEATURE_LOG, 0): 3}
+def test_on_assign_restores_only_new_partitions_and_on_revoke_drops_them(h):
+    h(h.impression("r1", T0, partition=0), h.impression("r2", T0, partition=1), now=T0)
+    fresh = Harness(changelog=h.changelog)
+    fresh.labeler.on_assign([TopicPartition(FEATURE_LOG, 1), TopicPartition(CLICKS, 1)])
+    assert set(fresh.labeler.partitions) == {1}
+    assert set(fresh.labeler.partitions[1].pending) == {"r2"}
+    fresh.labeler.partitions[1].pending.clear()
+    fresh.labeler.on_assign([TopicPartition(FEATURE_LOG, p) for p in (0, 1)])
+    assert set(fresh.labeler.partitions[0].pending) == {"r1"}
+    assert fresh.labeler.partitions[1].pending == {}  # held, so not read again
+    fresh.labeler.on_revoke([TopicPartition(FEATURE_LOG, 0), TopicPartition(CLICKS, 0)])
+    assert set(fresh.labeler.partitions) == {1}
 
 
-def test_safe_offsets_advance_a_partition_once_its_last_pending_item_is_labelled():
-    h = Harness()
-    first = [h.impression("r1", T0)]  # feature-log/0 @0
-    h(*first, now=T0)
-    assert committed(h.labeler.safe_offsets(first)) == {(FEATURE_LOG, 0): 0}
-    second = [h.click("r1", T0 + 1_000, partition=3)]  # ad-clicks/3 @0 labels r1 positive
-    assert only_output(h(*second, now=T0 + 1_000)).value["label"] == 1
-    assert committed(h.labeler.safe_offsets(second)) == {(CLICKS, 3): 1, (FEATURE_LOG, 0): 1}
+def test_counters_are_kept_per_partition_and_pushed_as_their_sum():
+    pushes = []
+    h = Harness(push_counters=lambda users, ads: pushes.append(copy.deepcopy((users, ads))))
+    h(h.impression("r1", T0, partition=0), h.impression("r2", T0, partition=3), now=T0)
+    assert pushes == [({"user-1": [2, 0]}, {"ad-1": [2, 0]})]
+    assert h.labeler.partitions[0].counters["user:user-1"] == [1, 0]
+    h.labeler.on_revoke([TopicPartition(FEATURE_LOG, 3)])
+    assert h.labeler.user_counters == {"user-1": [1, 0]}  # this worker's share
 
 
 # --- counters -------------------------------------------------------------------------
