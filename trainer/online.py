@@ -12,8 +12,9 @@ version's (within ``gate_tolerance``); then the Publisher writes, loads and chec
 replaced by the serving weights so training goes on from a sound model.
 
 Delivery guarantee: each labelled event is trained into the model's lineage exactly once.
-The checkpoint holds the weights, the optimiser state and the next offset of every
-partition, written together (one file, renamed into place) right after each publish.
+The checkpoint holds the weights (the trainer's and the served version's), the optimiser
+state and the next offset of every partition, written together (one file, renamed into
+place) at every turn of the cadence, whether the candidate was published or not.
 On (re)assignment the trainer seeks to the checkpoint's offsets, so events after the
 checkpoint are trained again on top of the checkpointed weights, and events before it
 never are. Announcements on model-updates are at-least-once (keyed by version): the
@@ -150,9 +151,11 @@ class Window:
 
 @dataclass
 class Checkpoint:
-    """What the trainer resumes from: weights, optimiser, offsets, counters, last version."""
+    """What the trainer resumes from: its weights and the served version's, the optimiser,
+    offsets, counters, the last version and the clicks learned since."""
 
     model: dict[str, torch.Tensor]
+    serving: dict[str, torch.Tensor]
     optimiser: dict[str, Any] | None = None
     offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> next offset
     cluster_id: str | None = None  # offsets mean nothing on another Kafka cluster
@@ -160,6 +163,7 @@ class Checkpoint:
     events: int = 0  # read: trained on or held out
     version: int = 0
     announcement: dict[str, Any] | None = None  # the last version's model-update record
+    learned_clicks: list[int] = field(default_factory=list)  # not yet in a served version
 
     def save(self, path: Path) -> None:
         """Atomic: written beside, flushed to disk, renamed over the previous one."""
@@ -224,13 +228,14 @@ class IncrementalTrainer:
         self.events = 0  # labelled events read (trained or held out)
         self.versions: list[int] = []
         self.rejected = 0
-        self._pending_announcement: dict[str, Any] | None = None
+        self.announcement: dict[str, Any] | None = None  # the last version's model-update
+        self._announce_again = False
         if resume is not None:
             self._restore(resume)
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         self.model.load_state_dict(checkpoint.model)
-        self.serving.load_state_dict(checkpoint.model)
+        self.serving.load_state_dict(checkpoint.serving)
         if checkpoint.optimiser is not None:
             self.optimiser.load_state_dict(checkpoint.optimiser)
         if checkpoint.cluster_id == self.cluster_id:
@@ -240,7 +245,9 @@ class IncrementalTrainer:
         self.examples = checkpoint.examples
         self.events = checkpoint.events
         self.version = checkpoint.version
-        self._pending_announcement = checkpoint.announcement
+        self.learned_clicks = list(checkpoint.learned_clicks)
+        self.announcement = checkpoint.announcement
+        self._announce_again = checkpoint.announcement is not None
         log.info(
             "resumed at version %d after %d examples (%d partition offsets)",
             self.version,
@@ -266,9 +273,9 @@ class IncrementalTrainer:
 
     def __call__(self, records: list[Record]) -> BatchResult:
         result = BatchResult()
-        if self._pending_announcement is not None:
-            result.outputs.append(Output(self.topic, str(self.version), self._pending_announcement))
-            self._pending_announcement = None
+        if self._announce_again and self.announcement is not None:
+            result.outputs.append(Output(self.topic, str(self.version), self.announcement))
+            self._announce_again = False
         train, held = [], []
         for record in records:
             self.offsets[_key(record.topic, record.partition)] = record.offset + 1
@@ -292,8 +299,9 @@ class IncrementalTrainer:
                 for e in train
                 if e["label"] == 1 and e["click_delay_ms"] is not None
             ]
-        if self._publish_due():
+        if self._cadence_due():
             update = self._publish()
+            self._checkpoint()
             if update is not None:
                 result.outputs.append(update)
         return result
@@ -312,7 +320,7 @@ class IncrementalTrainer:
         self.examples += len(x)
         self.since_publish += len(x)
 
-    def _publish_due(self) -> bool:
+    def _cadence_due(self) -> bool:
         if self.since_publish == 0:
             return False
         waited = time.monotonic() - self.last_publish
@@ -338,7 +346,9 @@ class IncrementalTrainer:
         return figures
 
     def _publish(self) -> Output | None:
+        """Gate, publish and announce the current model; None when it was rejected."""
         self.last_publish = time.monotonic()
+        self.since_publish = 0  # a rejected candidate waits for the next turn of the cadence
         held = self.held_out.arrays()
         gate = quality_gate(
             self.model, self.serving, Examples(*held) if held else None, self.t.gate_tolerance
@@ -372,17 +382,23 @@ class IncrementalTrainer:
             },
             "learned_click_times": self.learned_clicks,
         }
+        self.learned_clicks = []
+        self.announcement = announcement
+        log.info("published version %d after %d examples (%s)", version, self.examples, gate.reason)
+        return Output(self.topic, str(version), announcement)
+
+    def _checkpoint(self) -> None:
+        """Saves the trainer's whole state at every turn of the cadence, published or not,
+        so a restart re-trains at most one cadence's events."""
         Checkpoint(
             self.model.state_dict(),
+            self.serving.state_dict(),
             self.optimiser.state_dict(),
             dict(self.offsets),
             self.cluster_id,
             self.examples,
             self.events,
-            version,
-            announcement,
+            self.version,
+            self.announcement,
+            list(self.learned_clicks),
         ).save(self.checkpoint_path)
-        self.since_publish = 0
-        self.learned_clicks = []
-        log.info("published version %d after %d examples (%s)", version, self.examples, gate.reason)
-        return Output(self.topic, str(version), announcement)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from confluent_kafka import OFFSET_INVALID, TopicPartition
 
-from camoe.features import FORMATS
 from camoe.settings import Settings
 from simulator.traffic import World
 from streaming.app import Record
+from tests.factories import labelled_events
 from trainer.export import Publisher, versions
 from trainer.model import build_served_camoe
 from trainer.online import Checkpoint, Examples, IncrementalTrainer, Window, quality_gate
@@ -32,36 +32,13 @@ def world_and_model() -> tuple[Settings, dict[str, np.ndarray], Any]:
             "publish_every_s": 3600.0,
             "holdout_every": 5,
             "batch_size": 128,
+            "gate_tolerance": 1.0,  # only a far worse candidate fails: these runs are tiny
         },
     )
     history = World(settings.simulator).history(3000, hours=0.0)
     model = build_served_camoe(settings)
     fit(model, {k: v[:1500] for k, v in history.items()}, epochs=1)
     return settings, history, model.state_dict()
-
-
-def events(history: dict[str, np.ndarray], start: int, n: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "impression": {
-                "request_id": f"r{i}",
-                "user_id": "u1",
-                "ad_id": "a1",
-                "format": FORMATS[int(history["format"][i])],
-                "event_time": 1_000_000 + i,
-                "model_version": "1",
-                "pctr": 0.01,
-                "feature_service": "camoe_v1",
-                "categorical": history["categorical"][i].tolist(),
-                "numeric": history["numeric"][i].tolist(),
-            },
-            "label": int(history["label"][i]),
-            "click_delay_ms": 1500 if history["label"][i] else None,
-            "late_positive": False,
-            "labelled_at": 1_000_000 + i,
-        }
-        for i in range(start, start + n)
-    ]
 
 
 def records(values: list[dict[str, Any]], first_offset: int) -> list[Record]:
@@ -118,9 +95,9 @@ def test_gate_rejects_non_finite_and_worse_candidates(world_and_model):
 def test_trainer_publishes_on_cadence_and_checkpoints_with_offsets(world_and_model, tmp_path):
     settings, history, state = world_and_model
     trainer = trainer_for(settings, state, tmp_path, None)
-    result = trainer(records(events(history, 1500, 300), 0))
+    result = trainer(records(labelled_events(history, 1500, 300), 0))
     assert result.outputs == [] and trainer.since_publish > 0  # below the cadence
-    result = trainer(records(events(history, 1800, 300), 300))
+    result = trainer(records(labelled_events(history, 1800, 300), 300))
     (update,) = result.outputs
     assert update.value["version"] == 1 and versions(tmp_path / "repo" / "camoe") == [1]
     assert update.value["examples_trained"] == trainer.examples
@@ -128,7 +105,7 @@ def test_trainer_publishes_on_cadence_and_checkpoints_with_offsets(world_and_mod
     assert trainer.events == 600
     metrics = update.value["metrics"]
     assert any(k.endswith("_auc_pr") for k in metrics) and "audio_logloss" in metrics
-    clicks = [e for e in events(history, 1500, 600) if e["label"] == 1]
+    clicks = [e for e in labelled_events(history, 1500, 600) if e["label"] == 1]
     assert 0 < len(update.value["learned_click_times"]) <= len(clicks)
 
     saved = Checkpoint.load(tmp_path / "trainer.pt")
@@ -142,8 +119,8 @@ def test_trainer_publishes_on_cadence_and_checkpoints_with_offsets(world_and_mod
 def test_resume_starts_at_the_checkpoint_and_announces_its_version_again(world_and_model, tmp_path):
     settings, history, state = world_and_model
     first = trainer_for(settings, state, tmp_path, None)
-    first(records(events(history, 1500, 600), 0))
-    first(records(events(history, 2100, 100), 600))  # trained after the checkpoint: lost
+    first(records(labelled_events(history, 1500, 600), 0))
+    first(records(labelled_events(history, 2100, 100), 600))  # trained after the checkpoint: lost
     saved = Checkpoint.load(tmp_path / "trainer.pt")
 
     resumed = trainer_for(settings, state, tmp_path, saved)
@@ -152,7 +129,7 @@ def test_resume_starts_at_the_checkpoint_and_announces_its_version_again(world_a
     assert resumed.examples == saved.examples
     for name, tensor in resumed.model.state_dict().items():
         assert torch.equal(saved.model[name], tensor)
-    again = resumed(records(events(history, 2100, 10), 600))
+    again = resumed(records(labelled_events(history, 2100, 10), 600))
     assert [o.value["version"] for o in again.outputs] == [1]
 
     other_cluster = IncrementalTrainer(
@@ -166,11 +143,28 @@ def test_a_non_finite_candidate_is_not_published_and_training_goes_on_from_servi
 ):
     settings, history, state = world_and_model
     trainer = trainer_for(settings, state, tmp_path, None)
-    trainer(records(events(history, 1500, 200), 0))
+    trainer(records(labelled_events(history, 1500, 200), 0))
     with torch.no_grad():
         next(trainer.model.parameters()).fill_(float("nan"))
-    result = trainer(records(events(history, 1700, 400), 200))
+    result = trainer(records(labelled_events(history, 1700, 400), 200))
     assert result.outputs == [] and trainer.rejected == 1
     assert versions(tmp_path / "repo" / "camoe") == []
     for name, tensor in trainer.model.state_dict().items():
         assert torch.equal(trainer.serving.state_dict()[name], tensor)
+
+
+def test_a_rejected_candidate_is_still_checkpointed(world_and_model, tmp_path):
+    settings, history, state = world_and_model
+    strict = settings.model_copy(
+        update={"trainer": settings.trainer.model_copy(update={"gate_tolerance": -0.5})}
+    )
+    trainer = trainer_for(strict, state, tmp_path, None)
+    result = trainer(records(labelled_events(history, 1500, 600), 0))
+    assert result.outputs == [] and trainer.rejected == 1  # no candidate is 50% better
+
+    saved = Checkpoint.load(tmp_path / "trainer.pt")
+    assert saved is not None and saved.version == 0 and saved.events == 600
+    assert saved.offsets == {f"{TOPIC}:0": 600}
+    assert any(not torch.equal(saved.model[k], saved.serving[k]) for k in saved.model)
+    for name, tensor in state.items():
+        assert torch.equal(saved.serving[name], tensor)  # the gate compares with this one

@@ -1,0 +1,184 @@
+"""The incremental trainer killed with SIGKILL mid-run: it resumes from its checkpoint,
+every labelled event enters the model's lineage exactly once, and versions only rise."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from camoe.pipeline import write_settings
+from camoe.settings import Settings
+from services.kafka import create_topics
+from services.triton import TritonClient
+from simulator.traffic import World
+from streaming.avro import AvroCodec
+from tests.factories import labelled_events
+from trainer.export import Publisher
+from trainer.model import build_served_camoe
+from trainer.online import Checkpoint
+from trainer.train import fit, save_model
+
+MODEL = "camoe_trainer_faults"
+EVENTS = 8_000
+
+
+@pytest.fixture
+def trainer_world(services, tmp_path):
+    """Own topics, model name and checkpoint folder; version 1 published and saved."""
+    settings, endpoints = services
+    suffix = uuid.uuid4().hex[:6]
+    topics = settings.kafka.topics
+    renamed = topics.model_copy(
+        update={
+            f: getattr(topics, f).model_copy(update={"name": f"{getattr(topics, f).name}-{suffix}"})
+            for f in ("labelled_events", "model_updates", "dead_letters")
+        }
+    )
+    source = settings.triton.model_repo / "camoe"
+    target = settings.triton.model_repo / MODEL
+    target.mkdir()
+    config = (source / "config.pbtxt").read_text()
+    (target / "config.pbtxt").write_text(re.sub(r'name: "camoe"', f'name: "{MODEL}"', config))
+    s = Settings(
+        **{
+            **settings.model_dump(),
+            "kafka": {**settings.kafka.model_dump(), "topics": renamed.model_dump()},
+            "triton": {**settings.triton.model_dump(), "model_name": MODEL},
+            "trainer": {
+                **settings.trainer.model_dump(),
+                "checkpoint_dir": tmp_path / "trainer",
+                "publish_every_examples": 400,
+                "publish_every_s": 2.0,
+                "batch_size": 128,
+            },
+            "stack": {**settings.stack.model_dump(), "state_dir": tmp_path / "stack"},
+        }
+    )
+    create_topics(endpoints.kafka, s.kafka.topics.all())
+    history = World(s.simulator).history(EVENTS + 1000, hours=0.0)
+    model = build_served_camoe(s)
+    fit(model, {k: v[:1000] for k, v in history.items()}, epochs=1)
+    save_model(model, s.trainer.checkpoint_dir / "model.pt")
+    client = TritonClient(endpoints.triton, MODEL)
+    check = (history["categorical"][:8], history["numeric"][:8], history["format"][:8])
+    Publisher(s.triton.model_repo, MODEL, client).publish(model, check)
+    yield s, endpoints, history, client
+    client.close()
+
+
+def _start_trainer(config: Path, endpoints, log) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "CAMOE_CONFIG": str(config),
+        "KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka,
+        "TRITON_URL": endpoints.triton,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "camoe.cli", "train"], stdout=log, stderr=subprocess.STDOUT, env=env
+    )
+
+
+def _cadence_turns(log_path: Path) -> int:
+    """Turns of the publishing cadence so far (each ends with a checkpoint)."""
+    return len(re.findall(r"published version|rejected", log_path.read_text()))
+
+
+def _announced_versions(bootstrap: str, topic: str) -> list[int]:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": uuid.uuid4().hex,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }
+    )
+    consumer.subscribe([topic])
+    codec = AvroCodec("model_update")
+    found: list[int] = []
+    idle_until = time.monotonic() + 10
+    while time.monotonic() < idle_until:
+        for message in consumer.consume(100, 0.5):
+            if message.error() is None:
+                found.append(codec.decode(message.value())["version"])
+                idle_until = time.monotonic() + 3
+    consumer.close()
+    return found
+
+
+def test_sigkill_trainer_resumes_without_training_an_event_twice(trainer_world, tmp_path):
+    s, endpoints, history, client = trainer_world
+    config = write_settings(s, tmp_path / "settings.yaml")
+    codec = AvroCodec("labelled_event")
+    producer = Producer({"bootstrap.servers": endpoints.kafka, "linger.ms": 20})
+    values = labelled_events(history, 1000, EVENTS)
+    waves = np.array_split(np.arange(EVENTS), 4)  # input keeps arriving while the trainer dies
+    checkpoint_path = s.trainer.checkpoint_dir / "trainer.pt"
+    rng = np.random.default_rng(11)
+    log_path = tmp_path / "train.log"
+    kills = 0
+    with log_path.open("ab") as log:
+        for wave in range(6):
+            if wave < len(waves):
+                for i in waves[wave]:
+                    value = values[i]
+                    producer.produce(
+                        s.kafka.topics.labelled_events.name,
+                        key=value["impression"]["request_id"],
+                        value=codec.encode(value),
+                    )
+                assert producer.flush(10) == 0
+            turns = _cadence_turns(log_path)
+            process = _start_trainer(config, endpoints, log)
+            # Once it has checkpointed (a turn of the cadence), a random moment: training,
+            # exporting, loading into Triton or checkpointing again.
+            deadline = time.monotonic() + 180
+            while _cadence_turns(log_path) == turns:
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the trainer did not publish"
+                time.sleep(0.2)
+            time.sleep(float(rng.uniform(0.0, 4.0)))
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+
+        process = _start_trainer(config, endpoints, log)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                saved = Checkpoint.load(checkpoint_path)
+                if saved is not None and saved.events >= EVENTS:
+                    break
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"stuck at {saved and saved.events} events"
+                time.sleep(0.5)
+        finally:
+            process.terminate()
+            process.wait(60)
+
+    held_out = sum(
+        zlib.crc32(v["impression"]["request_id"].encode()) % s.trainer.holdout_every == 0
+        for v in values
+    )
+    assert saved.events == EVENTS  # each event read into the lineage once: none lost, none twice
+    assert saved.examples == EVENTS - held_out
+    assert log_path.read_text().count("resumed at version") == kills  # each restart resumed
+
+    announced = _announced_versions(endpoints.kafka, s.kafka.topics.model_updates.name)
+    assert announced == sorted(announced), announced  # a restart may repeat, never go back
+    assert announced[-1] == saved.version
+    assert saved.version in client.ready_versions()
+    _, served = client.infer(
+        history["categorical"][:4], history["numeric"][:4], history["format"][:4]
+    )
+    assert served == str(saved.version)
