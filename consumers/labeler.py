@@ -8,8 +8,9 @@
 * A duplicate click counts once; a click whose impression never shows up (within the
   window) goes to the dead-letter topic.
 
-Time is per input partition and per topic, in event time: a window closes once the
-clicks of its partition have been read past it (a click read later is late), a click is
+Time is per input partition and per topic, in event time (advanced by the wall clock
+since the last read): a window closes once the clicks of its partition have been read
+past it (a click read later is late), a click is
 unknown once the impressions of its partition have been read a window past it, and a
 labelled impression is forgotten once the clicks have been read ten windows past it. So
 catching up after a crash decides as the live run would have. A topic of a partition
@@ -86,11 +87,12 @@ class Progress:
         self.read_at_ms = clock_ms
 
     def now(self, clock_ms: int, window_ms: int) -> int:
-        """The event time read so far; the wall clock once nothing was read for a window
-        (then nothing older is on its way)."""
+        """The event time read so far, advanced by the wall clock since that read (a live
+        stream keeps up with the clock, a backlog stays behind it); the wall clock once
+        nothing was read for a window (then nothing older is on its way)."""
         if self.read_at_ms is None or clock_ms - self.read_at_ms >= window_ms:
             return clock_ms
-        return self.event_ms
+        return self.event_ms + clock_ms - self.read_at_ms
 
 
 @dataclass
