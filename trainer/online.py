@@ -1,9 +1,11 @@
 """The incremental trainer: learns from labelled-events as they come and rolls out versions.
 
-Per batch (test-then-train): every event is first scored by the current model (the
-prequential AUC-PR, logloss and ECE per format over the last ``prequential_window``
-events), then trained on. One event in ``holdout_every`` is kept out of training for the
-quality gate instead.
+Events are trained in impression order once their attribution window has closed (see
+``IncrementalTrainer._release``: otherwise fresh clicks, which arrive before the
+negatives of their time, bias the model upwards). Then, per batch (test-then-train): every
+event is first scored by the current model (the prequential AUC-PR, logloss and ECE per
+format over the last ``prequential_window`` events), then trained on. One event in
+``holdout_every`` is kept out of training for the quality gate instead.
 
 On a cadence (``publish_every_examples`` or ``publish_every_s``) the current model is a
 candidate. It must have finite weights and a held-out logloss no worse than the serving
@@ -13,8 +15,9 @@ replaced by the serving weights so training goes on from a sound model.
 
 Delivery guarantee: each labelled event is trained into the model's lineage exactly once.
 The checkpoint holds the weights (the trainer's and the served version's), the optimiser
-state and the next offset of every partition, written together (one file, renamed into
-place) at every turn of the cadence, whether the candidate was published or not.
+state, the events read but not yet released, and the next offset of every partition,
+written together (one file, renamed into place) at every turn of the cadence, whether
+the candidate was published or not.
 On (re)assignment the trainer seeks to the checkpoint's offsets, so events after the
 checkpoint are trained again on top of the checkpointed weights, and events before it
 never are. Announcements on model-updates are at-least-once (keyed by version): the
@@ -164,6 +167,8 @@ class Checkpoint:
     version: int = 0
     announcement: dict[str, Any] | None = None  # the last version's model-update record
     learned_clicks: list[int] = field(default_factory=list)  # not yet in a served version
+    waiting: list[dict[str, Any]] = field(default_factory=list)  # read, not yet trained
+    closed_ms: int = 0
 
     def save(self, path: Path) -> None:
         """Atomic: written beside, flushed to disk, renamed over the previous one."""
@@ -225,7 +230,9 @@ class IncrementalTrainer:
         self.held_out = Window(self.t.holdout_size)
         self.recent = Window(self.t.prequential_window)  # (format, label, pctr before training)
         self.check: Batch | None = None  # recent events for Triton's warm-up and parity
-        self.events = 0  # labelled events read (trained or held out)
+        self.events = 0  # labelled events read (trained, held out or waiting)
+        self.waiting: list[dict[str, Any]] = []  # read, not yet released (see _release)
+        self.closed_ms = 0  # the most recent impression time whose negatives have arrived
         self.versions: list[int] = []
         self.rejected = 0
         self.announcement: dict[str, Any] | None = None  # the last version's model-update
@@ -246,6 +253,8 @@ class IncrementalTrainer:
         self.events = checkpoint.events
         self.version = checkpoint.version
         self.learned_clicks = list(checkpoint.learned_clicks)
+        self.waiting = list(checkpoint.waiting)
+        self.closed_ms = checkpoint.closed_ms
         self.announcement = checkpoint.announcement
         self._announce_again = checkpoint.announcement is not None
         log.info(
@@ -276,16 +285,19 @@ class IncrementalTrainer:
         if self._announce_again and self.announcement is not None:
             result.outputs.append(Output(self.topic, str(self.version), self.announcement))
             self._announce_again = False
-        train, held = [], []
         for record in records:
             self.offsets[_key(record.topic, record.partition)] = record.offset + 1
-            impression = record.value["impression"]
-            if impression["feature_service"] != self.settings.feast.feature_service:
+            if record.value["impression"]["feature_service"] != self.settings.feast.feature_service:
                 result.dead_letters.append((record, "feature layout differs from the model's"))
                 continue
-            held_out = zlib.crc32(impression["request_id"].encode()) % self.t.holdout_every == 0
-            (held if held_out else train).append(record.value)
-        self.events += len(held) + len(train)
+            self.events += 1
+            self.waiting.append(record.value)
+        train, held = [], []
+        for event in self._release():
+            held_out = (
+                zlib.crc32(event["impression"]["request_id"].encode()) % self.t.holdout_every == 0
+            )
+            (held if held_out else train).append(event)
         if held:
             h = Examples.from_events(held)
             self.held_out.add(h.categorical, h.numeric, h.fmt, h.label)
@@ -305,6 +317,22 @@ class IncrementalTrainer:
             if update is not None:
                 result.outputs.append(update)
         return result
+
+    def _release(self) -> list[dict[str, Any]]:
+        """The waiting events whose impressions' windows have closed, oldest first.
+
+        A positive arrives with its click, its impression's negatives a window later:
+        trained at once, fresh positives without the negatives of their time would inflate
+        the model's pCTR (delayed-feedback bias), the worst at start-up when every label is
+        a click. So an event waits until a negative as recent as its impression has arrived,
+        or the attribution window has passed on the wall clock (a quiet stream)."""
+        negatives = [e["impression"]["event_time"] for e in self.waiting if e["label"] == 0]
+        self.closed_ms = max([self.closed_ms, *negatives])
+        wall = time.time() * 1000 - self.settings.labeler.attribution_window_s * 1000
+        closed = max(self.closed_ms, wall)
+        ready = [e for e in self.waiting if e["impression"]["event_time"] <= closed]
+        self.waiting = [e for e in self.waiting if e["impression"]["event_time"] > closed]
+        return sorted(ready, key=lambda e: e["impression"]["event_time"])
 
     def _train(self, x: Examples) -> None:
         tensors = to_tensors(x.categorical, x.numeric, x.fmt, x.label)
@@ -401,4 +429,6 @@ class IncrementalTrainer:
             self.version,
             self.announcement,
             list(self.learned_clicks),
+            list(self.waiting),
+            self.closed_ms,
         ).save(self.checkpoint_path)

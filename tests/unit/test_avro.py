@@ -77,6 +77,7 @@ SAMPLES = {
         "published_at": T0,
         "examples_trained": 6_000,
         "metrics": {"auc": 0.71, "logloss": 0.052},
+        "learned_click_times": [T0 - 9_000, T0 - 4_000],
     },
     "labeler_state": {
         "impression": None,

@@ -3,6 +3,7 @@ resuming (publishing without Triton; tests/integration covers the served side)."
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,33 @@ def test_a_rejected_candidate_is_still_checkpointed(world_and_model, tmp_path):
     assert any(not torch.equal(saved.model[k], saved.serving[k]) for k in saved.model)
     for name, tensor in state.items():
         assert torch.equal(saved.serving[name], tensor)  # the gate compares with this one
+
+
+def test_events_wait_until_the_negatives_of_their_time_have_arrived(world_and_model, tmp_path):
+    """Clicks come before the negatives of their time; training them first would inflate
+    pCTR, so each event waits for a negative at least as recent as its impression."""
+    settings, history, state = world_and_model
+    trainer = trainer_for(settings, state, tmp_path, None)
+    now = int(time.time() * 1000)
+    values = labelled_events(history, 1500, 40)
+    for k, value in enumerate(values):
+        value["impression"]["event_time"] = now + k * 100
+        value["label"], value["click_delay_ms"] = (1, 500) if k % 4 == 0 else (0, None)
+    clicks = [v for k, v in enumerate(values) if k % 4 == 0]
+    trainer(records(clicks, 0))
+    assert trainer.examples == 0 and len(trainer.waiting) == 10  # only clicks so far
+
+    negatives = [v for k, v in enumerate(values) if k % 4 and k < 21]  # impressions up to 20
+    trainer(records(negatives, 10))
+    released = {e["impression"]["request_id"] for e in values[:20]}  # the last negative: 19
+    assert {e["impression"]["request_id"] for e in trainer.waiting} == {
+        v["impression"]["request_id"]
+        for v in clicks
+        if v["impression"]["request_id"] not in released
+    }
+    assert trainer.events == 10 + len(negatives)
+
+    saved_waiting = list(trainer.waiting)
+    trainer._checkpoint()
+    resumed = trainer_for(settings, state, tmp_path, Checkpoint.load(tmp_path / "trainer.pt"))
+    assert resumed.waiting == saved_waiting and resumed.closed_ms == trainer.closed_ms
