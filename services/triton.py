@@ -108,6 +108,9 @@ class TritonClient:
         """Loads (or reloads) the model: Triton re-reads its versions per version_policy."""
         self._client.load_model(self.model, client_timeout=120.0)
 
+    def unload(self) -> None:
+        self._client.unload_model(self.model, client_timeout=120.0)
+
     def ready_versions(self) -> list[int]:
         index = self._client.get_model_repository_index(as_json=True).get("models", [])
         return sorted(

@@ -3,17 +3,22 @@
 1. A version is exported into a staging folder, and the exported file itself is run
    (onnxruntime, in process) on a check batch: its scores must be finite and equal the
    trainer's forward pass. A version that fails never reaches the repository.
-2. It is renamed into ``<repo>/<model>/<n>/`` in one atomic step, so Triton never sees a
+2. Triton tries it first as a model of its own (``<model>-candidate``, loaded
+   explicitly, answering the check batch with the same scores, then unloaded): requests
+   for ``<model>`` go to its newest version, so a version must pass in Triton before it
+   becomes the newest one.
+3. It is renamed into ``<repo>/<model>/<n>/`` in one atomic step, so Triton never sees a
    half-written version. A crash before the rename leaves only a staging folder, which
    the next publisher clears.
-3. Triton loads it explicitly (loads are serialised by a lock), and the new version must
-   answer the check batch with the same scores; a failed load or check removes the
-   version folder and reloads, so the previous version keeps serving.
+4. Triton loads it (loads are serialised by a lock) and it is warmed up with the check
+   batch; a failed load removes the version folder and reloads, so the previous version
+   keeps serving.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import threading
 import time
@@ -26,7 +31,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from services.triton import TritonClient
+from services.triton import InferenceServerException, TritonClient
 from trainer.model import ServingModel
 
 log = logging.getLogger(__name__)
@@ -123,12 +128,14 @@ class Publisher:
         ``check`` is a (categorical, numeric, format) batch for warm-up and parity.
         """
         version = self.next_version()
+        expected = serving_scores(model, check)
         self.staging.mkdir(parents=True, exist_ok=True)
         folder = self.staging / f"{version}-{uuid.uuid4().hex[:8]}"
-        folder.mkdir()
-        expected = serving_scores(model, check)
         try:
+            folder.mkdir()
             self._write(model, folder, check, expected)
+            if self.client is not None:
+                self._trial(self.client, folder, check, expected)
         except Exception as error:
             shutil.rmtree(folder, ignore_errors=True)
             raise PublishError(f"version {version} rejected before publishing: {error}") from error
@@ -138,9 +145,7 @@ class Publisher:
             try:
                 self._load_and_check(self.client, version, check, expected)
             except Exception as error:
-                shutil.rmtree(target, ignore_errors=True)
-                with _LOAD_LOCK:
-                    self.client.load()  # back to the previous versions
+                self._roll_back(self.client, target, error)
                 raise PublishError(f"version {version} rejected: {error}") from error
         self._prune()
         return version
@@ -157,6 +162,36 @@ class Publisher:
         feed = {"categorical": categorical, "numeric": numeric, "format": fmt.reshape(-1, 1)}
         _check_parity("onnxruntime", session.run(["pctr"], feed)[0].reshape(-1), expected)
 
+    def _trial(
+        self, client: TritonClient, folder: Path, check: Batch, expected: np.ndarray
+    ) -> None:
+        """Triton loads the staged version as ``<model>-candidate`` version 1 and must answer
+        ``check`` with the expected scores; the candidate model is unloaded either way."""
+        name = f"{self.model_dir.name}-candidate"
+        trial_dir = self.model_dir.parent / name
+        shutil.rmtree(trial_dir, ignore_errors=True)
+        (trial_dir / "1").mkdir(parents=True)
+        config = (self.model_dir / "config.pbtxt").read_text()
+        (trial_dir / "config.pbtxt").write_text(
+            re.sub(r'name:\s*"[^"]*"', f'name: "{name}"', config, count=1)
+        )
+        for file in folder.iterdir():
+            shutil.copy2(file, trial_dir / "1" / file.name)
+        trial = TritonClient(client.url, name, client.timeout_s)
+        try:
+            with _LOAD_LOCK:
+                trial.load()
+            served, _ = trial.infer(*check)
+            _check_parity("triton", served, expected)
+        finally:
+            try:
+                with _LOAD_LOCK:
+                    trial.unload()
+            except InferenceServerException as error:  # not loaded: nothing to unload
+                log.warning("unloading %s: %s", name, error)
+            trial.close()
+            shutil.rmtree(trial_dir, ignore_errors=True)
+
     @staticmethod
     def _commit(folder: Path, target: Path) -> None:
         folder.rename(target)  # atomic: Triton sees all of the version or none of it
@@ -170,9 +205,22 @@ class Publisher:
             client.load()
         if version not in client.ready_versions():
             raise PublishError(f"Triton did not make version {version} ready")
-        served, _ = client.infer(*check, version=version)
+        served, _ = client.infer(*check, version=version)  # also warms the new instance up
         _check_parity("triton", served, expected)
         log.info("version %d serving (load + check %.2fs)", version, time.monotonic() - started)
+
+    @staticmethod
+    def _roll_back(client: TritonClient, target: Path, error: Exception) -> None:
+        """Removes the version and reloads, so the previous versions serve."""
+        try:
+            shutil.rmtree(target)
+            with _LOAD_LOCK:
+                client.load()
+        except Exception as failure:
+            raise PublishError(
+                f"version {target.name} failed ({error}) and so did its roll-back ({failure}): "
+                f"remove {target} and reload the model"
+            ) from failure
 
     def _prune(self) -> None:
         for old in versions(self.model_dir)[: -self.keep]:
