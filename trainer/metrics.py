@@ -22,7 +22,7 @@ def ece(p: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
 
 
 def format_metrics(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    if y.min() == y.max():
+    if len(y) == 0 or y.min() == y.max():  # a format absent, or with one class
         return {m: float("nan") for m in METRICS}
     return {
         "auc_pr": float(average_precision_score(y, p)),

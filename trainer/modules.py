@@ -151,7 +151,10 @@ class InputEncoder(nn.Module):
     @torch.no_grad()
     def fit(self, numeric: torch.Tensor) -> None:
         self._mean.copy_(numeric.mean(dim=0))
-        self._std.copy_(numeric.std(dim=0, correction=0).clamp_min(1e-6))
+        std = numeric.std(dim=0, correction=0)
+        # A feature constant in the fitting data (stream counters are all 0 in simulated
+        # history) keeps unit scale: dividing by ~0 would blow its first live values up.
+        self._std.copy_(torch.where(std < 1e-3, torch.ones_like(std), std))
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         known = (categorical >= 0) & (categorical < self._cardinality)  # (B, C)

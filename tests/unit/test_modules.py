@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -192,3 +194,15 @@ def test_input_encoder_fit_on_one_row_stays_finite():
     with torch.no_grad():
         out = enc(torch.zeros(1, len(CARDS), dtype=torch.int64), torch.tensor([[1.0, 2.0]]))
     assert torch.isfinite(out).all()
+
+
+def test_a_feature_constant_when_fitted_keeps_unit_scale():
+    """Counters are 0 throughout simulated history and grow live: their first live values
+    must stay ordinary inputs, not be divided by ~0."""
+    encoder = InputEncoder([3], n_numeric=2, embedding_dim=2)
+    history = torch.stack([torch.randn(500) * 4 + 1, torch.zeros(500)], dim=1)
+    encoder.fit(history)
+    live = torch.tensor([[1.0, math.log1p(120.0)]])
+    scaled = encoder(torch.zeros(1, 1, dtype=torch.int64), live)[0, -2:].detach()
+    assert scaled[1] == pytest.approx(math.log1p(120.0))
+    assert abs(float(scaled[0])) < 0.2  # the varying feature is standardised as before

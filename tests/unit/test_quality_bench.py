@@ -12,7 +12,7 @@ import pytest
 from bench import quality
 from camoe.features import FORMATS
 from camoe.settings import Settings
-from trainer.metrics import ece
+from trainer.metrics import ece, per_format
 
 MODELS = ["camoe", "dcn_global", "content_mmoe"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -134,3 +134,10 @@ def test_ece_of_a_constant_wrong_prediction_is_its_distance_to_the_mean_label():
 
 def test_ece_of_no_predictions_is_zero():
     assert ece(np.array([]), np.array([])) == 0.0
+
+
+def test_metrics_of_an_absent_format_are_nan_not_an_error():
+    p, y, fmt = np.array([0.1, 0.8, 0.3]), np.array([0.0, 1.0, 0.0]), np.array([0, 0, 2])
+    metrics = per_format(p, y, fmt)
+    assert metrics["audio"]["auc_pr"] == pytest.approx(1.0)
+    assert np.isnan(metrics["video"]["auc_pr"]) and np.isnan(metrics["display"]["logloss"])
