@@ -32,7 +32,7 @@ import numpy as np
 from confluent_kafka import Consumer, Producer
 
 from camoe.features import FORMATS, FeatureLayout
-from camoe.pipeline import prepare, write_settings
+from camoe.pipeline import prepare, run_topics, write_settings
 from camoe.settings import Settings, TopicSpec
 from services.kafka import create_topics
 from services.stack import Endpoints, Stack
@@ -49,21 +49,11 @@ SCORES = AvroCodec("ad_scores")
 def _bench_settings(settings: Settings, endpoints: Endpoints, state: Path) -> Settings:
     """Own topics (so earlier traffic never counts), Redis as the online store, and the
     running services' addresses for the scoring subprocess."""
-    suffix = uuid.uuid4().hex[:6]
-    topics = settings.kafka.topics
-    renamed = topics.model_copy(
-        update={
-            name: getattr(topics, name).model_copy(
-                update={"name": f"bench-{getattr(topics, name).name}-{suffix}"}
-            )
-            for name in type(topics).model_fields
-        }
-    )
+    settings = run_topics(settings, "bench")
+    suffix = settings.kafka.topics.ad_requests.name.rsplit("-", 1)[-1]
     return settings.model_copy(
         update={
-            "kafka": settings.kafka.model_copy(
-                update={"topics": renamed, "bootstrap_servers": endpoints.kafka}
-            ),
+            "kafka": settings.kafka.model_copy(update={"bootstrap_servers": endpoints.kafka}),
             "triton": settings.triton.model_copy(update={"url": endpoints.triton}),
             "redis": settings.redis.model_copy(update={"url": endpoints.redis}),
             "feast": settings.feast.model_copy(update={"online_store": "redis"}),

@@ -110,11 +110,6 @@ def run_labeler(settings: Settings, stop: Event) -> None:
 
     endpoints = endpoints_for(settings, "kafka")
     topics = settings.kafka.topics
-    if settings.labeler.guarantee != "exactly-once":
-        raise ValueError(
-            "labeler.guarantee must be exactly-once: its state changelog is only "
-            "consistent with its labels inside a transaction"
-        )
     spec = (topics.feature_log, topics.ad_clicks, topics.labeler_state)
     if len({t.partitions for t in spec}) != 1:
         raise ValueError(
@@ -129,7 +124,7 @@ def run_labeler(settings: Settings, stop: Event) -> None:
         ("feature_log", "ad_clicks"),
         ("labelled_events", "labeler_state"),
         settings.labeler.batch_size,
-        settings.labeler.guarantee,
+        "exactly-once",  # the state changelog must commit with the labels it goes with
     )
     state, bootstrap = topics.labeler_state.name, endpoints.kafka or ""
     labeler = Labeler(
@@ -142,11 +137,7 @@ def run_labeler(settings: Settings, stop: Event) -> None:
         ),
         push_counters=counter_pusher(store),
     )
-    log.info(
-        "labeler running (window %.1fs, %s)",
-        settings.labeler.attribution_window_s,
-        settings.labeler.guarantee,
-    )
+    log.info("labeler running (window %.1fs, exactly-once)", settings.labeler.attribution_window_s)
     app.run(labeler, stop, hooks=labeler)
 
 

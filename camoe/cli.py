@@ -6,7 +6,7 @@ camoe score | label | train    run one component until stopped (SIGTERM / Ctrl-C
 camoe score --workers N        N scoring processes in one consumer group
 camoe demo [--duration S]      the whole loop for a bounded time, with a summary
 camoe top --port P             live view of a scorer's metrics
-camoe bench quality|scoring    benchmarks that print and save figures
+camoe bench NAME --out DIR     quality | scoring | freshness: print and save figures
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     top.add_argument("--every", type=float, default=2.0, help="seconds between refreshes")
     bench = commands.add_parser("bench", help="benchmarks that print and save figures")
-    bench.add_argument("name", choices=["quality", "scoring"])
+    bench.add_argument("name", choices=["quality", "scoring", "freshness"])
     bench.add_argument("--out", type=Path, required=True, help="folder for results and plots")
     bench.add_argument("--seeds", type=int, default=None, help="quality: default bench.seeds")
     bench.add_argument(
@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         "--rate", type=float, default=1000.0, help="scoring: offered load, requests/s"
     )
     bench.add_argument(
-        "--seconds", type=float, default=20.0, help="scoring: duration of the offered load"
+        "--seconds",
+        type=float,
+        default=None,
+        help="scoring: duration of the offered load (20); freshness: of traffic (demo.duration_s)",
     )
     bench.add_argument(
         "--sim-config",
@@ -150,7 +153,17 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             args.out,
             args.requests,
             args.rate,
-            args.seconds,
+            args.seconds if args.seconds is not None else 20.0,
+            progress=lambda line: print(line, flush=True),
+        )
+        return 0
+    if args.command == "bench" and args.name == "freshness":
+        from bench import freshness
+
+        freshness.run(
+            settings,
+            args.out,
+            args.seconds if args.seconds is not None else settings.demo.duration_s,
             progress=lambda line: print(line, flush=True),
         )
         return 0
@@ -173,6 +186,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 0
     if args.command == "demo":
+        from bench.freshness import reporter, summary_lines
         from camoe.pipeline import demo_settings, print_summary, run_loop
 
         settings = demo_settings(settings)
@@ -183,8 +197,17 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             f"{settings.stack.state_dir / 'logs'})",
             flush=True,
         )
-        summary = run_loop(settings, duration, progress=lambda line: print(line, flush=True))
+        summary = run_loop(
+            settings,
+            duration,
+            progress=lambda line: print(line, flush=True),
+            report=reporter(window_s=30.0),
+        )
+        loop = summary.pop("loop")
         print_summary(summary, args.out)
+        print("\nthe online loop")
+        for line in summary_lines(loop):
+            print(f"  {line}")
         return 0 if not summary["component_failures"] else 1
     raise AssertionError(args.command)
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +21,7 @@ import yaml
 
 from camoe.feature_store import apply_and_materialize, open_store
 from camoe.settings import Settings
-from services.kafka import group_members
+from services.kafka import create_topics, group_members
 from services.stack import Endpoints, Stack
 from services.triton import TritonClient
 from simulator.driver import TrafficDriver, TrafficStats
@@ -37,8 +39,12 @@ class ComponentError(RuntimeError):
     """A component process failed to start or died."""
 
 
-def prepare(settings: Settings, endpoints: Endpoints) -> None:
-    """Feast offline data + apply + materialise, and model version 1 if there is none."""
+def prepare(settings: Settings, endpoints: Endpoints, fresh: bool = False) -> None:
+    """Feast offline data + apply + materialise, and model version 1 if there is none.
+
+    ``fresh``: start the model over (remove its versions and the trainer's checkpoint),
+    so a bounded run learns from version 1 whatever ran before it.
+    """
     world = World(settings.simulator)
     repo = Path(settings.feast.repo_path)
     world.write_offline_data(repo / "data")
@@ -48,14 +54,20 @@ def prepare(settings: Settings, endpoints: Endpoints) -> None:
     client = (
         TritonClient(endpoints.triton, settings.triton.model_name) if endpoints.triton else None
     )
-    if versions(model_dir) and load_model(settings, checkpoint) is not None:
+    if fresh:
+        for version in versions(model_dir):
+            shutil.rmtree(model_dir / str(version))
+        (settings.trainer.checkpoint_dir / "trainer.pt").unlink(missing_ok=True)
+    elif versions(model_dir) and load_model(settings, checkpoint) is not None:
         if client is not None:
             client.load()
         return
     log.info(
         "training version 1 offline on %d simulated requests", settings.trainer.pretrain_requests
     )
-    history = world.history(settings.trainer.pretrain_requests)
+    history = world.history(
+        settings.trainer.pretrain_requests, hours=settings.trainer.pretrain_hours
+    )
     held_out = len(history["label"]) // 10  # the newest tenth fits the calibration
     train = {k: v[:-held_out] for k, v in history.items()}
     model = build_served_camoe(settings)
@@ -73,6 +85,24 @@ def prepare(settings: Settings, endpoints: Endpoints) -> None:
         model, check
     )
     log.info("published version %d", version)
+
+
+def run_topics(settings: Settings, prefix: str) -> Settings:
+    """The settings with topics of their own (``<prefix>-<topic>-<id>``), so records of
+    earlier runs on the same broker never count."""
+    suffix = uuid.uuid4().hex[:6]
+    topics = settings.kafka.topics
+    renamed = topics.model_copy(
+        update={
+            name: getattr(topics, name).model_copy(
+                update={"name": f"{prefix}-{getattr(topics, name).name}-{suffix}"}
+            )
+            for name in type(topics).model_fields
+        }
+    )
+    return settings.model_copy(
+        update={"kafka": settings.kafka.model_copy(update={"topics": renamed})}
+    )
 
 
 def write_settings(settings: Settings, path: Path) -> Path:
@@ -228,14 +258,19 @@ def run_loop(
     duration_s: float,
     progress: Callable[[str], None] | None = None,
     drain_s: float | None = None,
+    report: Callable[[Settings, Endpoints], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The whole loop for a bounded time on the stack; returns the driver's summary."""
+    """The whole loop for a bounded time on the stack, on topics of its own and from a
+    fresh version 1; returns the driver's summary, with ``report``'s result under
+    ``loop`` (it runs after the traffic, while the services still run)."""
     stack = Stack(settings)
     before = stack.endpoints()
     endpoints = stack.up()
     started_here = [n for n in ("kafka", "triton", "redis") if getattr(before, n) is None]
+    settings = run_topics(settings, "loop")
     try:
-        prepare(settings, endpoints)
+        create_topics(endpoints.kafka or "", settings.kafka.topics.all())
+        prepare(settings, endpoints, fresh=True)
         with components(settings, endpoints) as processes:
             stats = drive(
                 settings,
@@ -247,6 +282,8 @@ def run_loop(
             failed = {n: p.returncode for n, p in processes.items() if p.poll() is not None}
         summary = stats.summary()
         summary["component_failures"] = failed
+        if report is not None:
+            summary["loop"] = report(settings, endpoints)
         return summary
     finally:
         if started_here:
@@ -254,16 +291,22 @@ def run_loop(
 
 
 def demo_settings(settings: Settings) -> Settings:
-    """The demo's overrides: its rate, publishing cadence and click boost."""
+    """The demo's traffic: its rate, click boost and drift; version 1 trained on history
+    of the moment the live traffic starts from."""
     d = settings.demo
     return settings.model_copy(
         update={
             "simulator": settings.simulator.model_copy(
-                update={"requests_per_second": d.requests_per_second, "click_boost": d.click_boost}
+                update={
+                    "requests_per_second": d.requests_per_second,
+                    "click_boost": d.click_boost,
+                    "drift_per_hour": d.drift_per_hour,
+                    "effect_drift_per_hour": d.effect_drift_per_hour,
+                    "cross_strength": d.cross_strength,
+                    "format_shares": d.format_shares,
+                }
             ),
-            "trainer": settings.trainer.model_copy(
-                update={"publish_every_examples": d.publish_every_examples}
-            ),
+            "trainer": settings.trainer.model_copy(update={"pretrain_hours": 0.0}),
         }
     )
 

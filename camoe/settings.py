@@ -103,7 +103,12 @@ class SimulatorSettings(Section):
     cross_strength: float = 0.8
     click_delay_median_s: float = 2.0
     click_delay_sigma: float = 1.0
-    drift_per_hour: float = 0.02
+    drift_per_hour: float = Field(default=0.02, description="radians per hour the taste turns")
+    effect_drift_per_hour: float = Field(
+        default=0.0,
+        description="radians per hour of the format-specific effects' cycle: they are scaled "
+        "by cos(rate x hours), so they fade and turn around (0: they stay)",
+    )
     format_taste_turn: float = Field(
         default=0.0, description="radians between audio's and video's taste (0: one taste)"
     )
@@ -150,10 +155,6 @@ class LabelerSettings(Section):
     group_id: str = "camoe-labeler"
     attribution_window_s: float = 10.0
     batch_size: int = 500
-    guarantee: DeliveryGuarantee = Field(
-        default="exactly-once",
-        description="exactly-once: labels, state changelog and offsets in one transaction",
-    )
 
 
 class TrainerSettings(Section):
@@ -172,9 +173,12 @@ class TrainerSettings(Section):
     holdout_every: int = Field(
         default=10, description="one labelled event in this many is held out for the gate"
     )
-    holdout_size: int = Field(default=3_000, description="recent held-out events kept")
+    holdout_size: int = Field(
+        default=500,
+        description="recent held-out events kept: recent, so the gate judges on today's traffic",
+    )
     gate_tolerance: float = Field(
-        default=0.01,
+        default=0.05,
         description="a candidate may be this much (relative) worse in held-out logloss",
     )
     prequential_window: int = Field(
@@ -219,12 +223,28 @@ class BenchSettings(Section):
 
 
 class DemoSettings(Section):
-    """``make demo``: a bounded run of the whole loop."""
+    """``make demo`` and ``camoe bench freshness``: a bounded run of the whole loop on
+    drifting traffic."""
 
-    duration_s: float = 60.0
+    duration_s: float = 150.0
     requests_per_second: float = 50.0
-    publish_every_examples: int = 500
-    click_boost: float = 2.0
+    click_boost: float = Field(default=10.0, description="enough clicks in minutes to measure")
+    drift_per_hour: float = Field(
+        default=60.0, description="radians per hour the taste turns (60: one a minute)"
+    )
+    effect_drift_per_hour: float = Field(
+        default=75.0,
+        description="the format-specific effects turn around within two minutes, so the "
+        "frozen version 1 falls behind within the run",
+    )
+    cross_strength: float = Field(
+        default=2.0, description="stronger format-specific effects, so their drift matters"
+    )
+    format_shares: dict[str, float] = Field(
+        default={"audio": 0.5, "video": 0.25, "display": 0.25},
+        description="more video and display than the default world, so each format gets "
+        "enough labels in minutes",
+    )
 
 
 class StackSettings(Section):

@@ -14,7 +14,7 @@ Click probability of ad ``a`` shown to user ``u`` in context ``c``:
 
     logit p = logit(base_ctr[format]) + log(foreground_lift) * (fg - foreground_share)
               + affinity_strength * <u, a> / sqrt(d) + q
-              + cross_strength * cross(format, u, c) + drift(t)
+              + cross_strength * cos(effect_drift_per_hour * t) * cross(format, u, c)
 
 with the taste ``u`` turned by ``format_taste_turn`` (radians, x1 for video, x0.5 for
 display, 0 for audio) before the dot product: 0 (the default) means one taste across
@@ -22,7 +22,10 @@ formats; larger values make the formats want different ads, a conflict between t
 
 where ``cross`` is a format-specific interaction (audio: podcast listeners in older age
 buckets; video: premium users on a visible screen; display: desktop listeners) that a
-model must learn per format, and ``drift`` slowly rotates the taste vectors with time.
+model must learn per format, and drift changes the world with time ``t`` (hours):
+``drift_per_hour`` rotates the taste vectors, ``effect_drift_per_hour`` (default 0) fades
+the format-specific effects and turns them around, so a model that stops learning falls
+behind.
 Clicks come after a log-normal delay (median ``click_delay_median_s``, long tail).
 
 The true probability is available for analysis (``true_ctr``), never used for training.
@@ -208,7 +211,8 @@ class World:
                 cross = 1.5 * ((self._premium[u_row] == 2) and ctx["foreground"]) - 0.5
             else:
                 cross = 1.0 * (ctx["device"] == "desktop") - 0.2
-            logit += s.cross_strength * float(cross)
+            # Effect drift: the format-specific effects fade and turn around with time.
+            logit += s.cross_strength * math.cos(s.effect_drift_per_hour * hours) * float(cross)
         return 1.0 / (1.0 + math.exp(-logit))
 
     def click_delay_s(self, rng: np.random.Generator) -> float:

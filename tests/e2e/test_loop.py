@@ -1,28 +1,40 @@
-"""The walking skeleton end to end: every hop real, and model version 2 reaches scoring."""
+"""The closed loop end to end on drifting traffic: every hop real, new versions reach
+scoring, clicks reach a served version within seconds, and every format's served scores
+rank clicks well above chance. The comparison with a frozen version 1 is printed: it is
+not yet reliably in the online model's favour on every format (see the README)."""
 
 from __future__ import annotations
 
-from camoe.pipeline import run_loop
+from bench.freshness import reporter, summary_lines
+from camoe.pipeline import demo_settings, run_loop
 
 
-def test_loop_scores_with_a_retrained_version(services):
+def test_online_loop_on_drifting_traffic(services):
     settings, _ = services
-    settings = settings.model_copy(
-        update={
-            "simulator": settings.simulator.model_copy(
-                update={"requests_per_second": 40.0, "click_boost": 2.0}
-            ),
-        }
+    settings = demo_settings(settings)
+    settings = settings.model_copy(  # the conftest's small history makes a weak version 1
+        update={"trainer": settings.trainer.model_copy(update={"pretrain_requests": 20_000})}
     )
     lines: list[str] = []
-    summary = run_loop(settings, duration_s=25.0, progress=lines.append, drain_s=15.0)
+    summary = run_loop(
+        settings, duration_s=150.0, progress=lines.append, drain_s=15.0, report=reporter(30.0)
+    )
+    loop = summary.pop("loop")
+    print("\n".join(lines + summary_lines(loop)))
 
     assert summary["component_failures"] == {}
-    assert summary["requests"] >= 900
+    assert summary["requests"] >= 6000
     assert summary["scored"] == summary["requests"]
-    assert summary["clicks"] > 0
     assert summary["labels"] >= summary["scored"]  # every impression labelled (late ones twice)
     assert summary["positive_labels"] == summary["clicks"]
-    versions = summary["model_versions"]
-    assert "1" in versions and "2" in versions, versions
+    assert len(summary["model_versions"]) >= 3, summary["model_versions"]
     assert lines, "progress was reported"
+
+    assert loop["versions"] >= 5  # every ~10 s, the default cadence
+    assert loop["freshness_s"]["p50"] < 30.0, loop["freshness_s"]
+    for fmt, figures in loop["second_half"].items():
+        assert figures["clicks"] >= 20, (fmt, figures)
+        # AUC-PR of a random ranking is the click rate: the served versions must do far
+        # better (a broken feature scaling once brought them down to it).
+        click_rate = figures["clicks"] / figures["impressions"]
+        assert figures["online_auc_pr"] > 1.5 * click_rate, (fmt, figures)

@@ -1,0 +1,262 @@
+"""``camoe bench freshness``: the closed loop on drifting traffic, measured.
+
+* **Freshness** of a click: from its event time (the simulator produces each click at its
+  event time) to the ``published_at`` of the first model version that learned it, which
+  the trainer stamps once Triton serves that version and it passed its parity check.
+  Every model-update lists the click times it is the first to have learned.
+* **Online vs frozen**: every labelled impression carries the score it was served with
+  (by the version live at that moment); a frozen model (version 1's weights, never
+  updated) scores the same logged features in process. AUC-PR per format over windows of
+  time shows whether learning from the stream pays while the traffic drifts.
+
+The demo prints the same report; this benchmark also writes ``freshness.json``,
+``freshness.png`` and ``auc_pr_over_time.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Consumer
+
+from camoe.features import FORMATS
+from camoe.settings import Settings
+from services.stack import Endpoints
+from streaming.avro import AvroCodec
+from trainer.metrics import format_metrics
+
+Report = dict[str, Any]
+
+
+@dataclass
+class LoopRecord:
+    """What the loop wrote: each impression's final label (late positives merged into
+    their impression) and every model update."""
+
+    impressions: list[dict[str, Any]]  # labelled-event values, one per request id
+    updates: list[dict[str, Any]]
+
+
+def read_topic(bootstrap: str, topic: str, codec: AvroCodec, idle_s: float = 3.0) -> list[dict]:
+    """Every committed record of ``topic`` from its beginning, until it has been idle."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"report-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    consumer.subscribe([topic])
+    values: list[dict] = []
+    give_up = time.monotonic() + 30  # joining the group takes a moment
+    last_seen: float | None = None  # the idle clock starts once partitions are assigned
+    try:
+        while True:
+            messages = consumer.consume(500, 0.5)
+            for message in messages:
+                if message.error() is None:
+                    values.append(codec.decode(message.value()))
+            now = time.monotonic()
+            if messages or (last_seen is None and consumer.assignment()):
+                last_seen = now
+            if (last_seen is not None and now - last_seen > idle_s) or (
+                last_seen is None and now > give_up
+            ):
+                break
+    finally:
+        consumer.close()
+    return values
+
+
+def read_record(bootstrap: str, settings: Settings) -> LoopRecord:
+    topics = settings.kafka.topics
+    events = read_topic(bootstrap, topics.labelled_events.name, AvroCodec("labelled_event"))
+    final: dict[str, dict[str, Any]] = {}
+    for event in events:
+        request_id = event["impression"]["request_id"]
+        if request_id not in final or event["label"] > final[request_id]["label"]:
+            final[request_id] = event
+    updates = read_topic(bootstrap, topics.model_updates.name, AvroCodec("model_update"))
+    unique = {u["version"]: u for u in updates}  # announcements may repeat after a restart
+    return LoopRecord(
+        sorted(final.values(), key=lambda e: e["impression"]["event_time"]),
+        [unique[v] for v in sorted(unique)],
+    )
+
+
+def analyse(record: LoopRecord, frozen: Any, window_s: float) -> Report:
+    """Freshness percentiles, and AUC-PR per format per time window for the served
+    (online) scores and the frozen model's, plus both over the run's second half."""
+    from trainer.online import Examples, predict
+
+    freshness = np.asarray(
+        [
+            (u["published_at"] - t) / 1000
+            for u in record.updates
+            for t in u.get("learned_click_times", [])
+        ]
+    )
+    report: Report = {
+        "versions": len(record.updates),
+        "impressions": len(record.impressions),
+        "clicks_learned": len(freshness),
+    }
+    if len(freshness):
+        report["freshness_s"] = {
+            "p50": round(float(np.percentile(freshness, 50)), 2),
+            "p95": round(float(np.percentile(freshness, 95)), 2),
+            "max": round(float(freshness.max()), 2),
+        }
+    if not record.impressions:
+        return report
+    x = Examples.from_events(record.impressions)
+    online = np.asarray([e["impression"]["pctr"] for e in record.impressions])
+    frozen_p = predict(frozen, x)
+    times = np.asarray([e["impression"]["event_time"] for e in record.impressions]) / 1000
+    elapsed = times - times[0]
+    windows = []
+    for start in np.arange(0, elapsed.max() + 1e-9, window_s):
+        rows = (elapsed >= start) & (elapsed < start + window_s)
+        windows.append(
+            {
+                "start_s": float(start),
+                **_compare(online[rows], frozen_p[rows], x.label[rows], x.fmt[rows]),
+            }
+        )
+    report["windows"] = windows
+    late = elapsed >= elapsed.max() / 2
+    report["second_half"] = _compare(online[late], frozen_p[late], x.label[late], x.fmt[late])
+    report["freshness_samples_s"] = [round(float(f), 3) for f in freshness]
+    return report
+
+
+def _compare(online: np.ndarray, frozen: np.ndarray, y: np.ndarray, fmt: np.ndarray) -> Report:
+    out: Report = {}
+    for k, name in enumerate(FORMATS):
+        rows = fmt == k
+        out[name] = {
+            "impressions": int(rows.sum()),
+            "clicks": int(y[rows].sum()),
+            "online_auc_pr": format_metrics(online[rows], y[rows])["auc_pr"],
+            "frozen_auc_pr": format_metrics(frozen[rows], y[rows])["auc_pr"],
+        }
+    return out
+
+
+def summary_lines(report: Report) -> list[str]:
+    """The report as a few lines for a terminal."""
+    lines = [
+        f"model versions served: {report['versions']}, impressions labelled: "
+        f"{report['impressions']}, clicks learned: {report['clicks_learned']}"
+    ]
+    if "freshness_s" in report:
+        f = report["freshness_s"]
+        lines.append(
+            f"freshness (click -> served version that learned it): p50 {f['p50']}s, p95 {f['p95']}s"
+        )
+    if "windows" in report:
+        lines.append("AUC-PR per format over time, online (served) vs frozen (version 1):")
+        lines.append("  window  " + "  ".join(f"{f:>17}" for f in FORMATS))
+        for w in report["windows"] + [{"start_s": "2nd half", **report["second_half"]}]:
+            cells = [
+                f"{w[f]['online_auc_pr']:.3f} vs {w[f]['frozen_auc_pr']:.3f}".rjust(17)
+                for f in FORMATS
+            ]
+            start = w["start_s"] if isinstance(w["start_s"], str) else f"{w['start_s']:.0f}s"
+            lines.append(f"  {start:>8}" + "  ".join(cells))
+    return lines
+
+
+def plot(report: Report, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    samples = np.asarray(report.get("freshness_samples_s", []))
+    if len(samples):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.hist(samples, bins=40, color="steelblue")
+        for q, style in ((50, "-"), (95, "--")):
+            value = float(np.percentile(samples, q))
+            ax.axvline(value, color="crimson", linestyle=style, label=f"p{q} {value:.1f} s")
+        ax.set_xlabel("click event time to a served version that learned it (s)")
+        ax.set_ylabel("clicks")
+        ax.set_title("Freshness")
+        ax.legend()
+        fig.tight_layout()
+        written.append(out / "freshness.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    if report.get("windows"):
+        fig, axes = plt.subplots(1, len(FORMATS), figsize=(13, 4), sharey=True)
+        starts = [w["start_s"] for w in report["windows"]]
+        for ax, name in zip(axes, FORMATS, strict=True):
+            for kind, color in (("online", "seagreen"), ("frozen", "grey")):
+                ax.plot(
+                    starts,
+                    [w[name][f"{kind}_auc_pr"] for w in report["windows"]],
+                    marker="o",
+                    color=color,
+                    label=f"{kind} model",
+                )
+            ax.set_title(name)
+            ax.set_xlabel("seconds into the run")
+        axes[0].set_ylabel("AUC-PR of served impressions")
+        axes[0].legend()
+        fig.suptitle("Online learning vs a frozen model while the traffic drifts")
+        fig.tight_layout()
+        written.append(out / "auc_pr_over_time.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def reporter(window_s: float) -> Callable[[Settings, Endpoints], Report]:
+    """What ``run_loop`` calls after the traffic, while the services still run."""
+
+    def report(settings: Settings, endpoints: Endpoints) -> Report:
+        from trainer.train import load_model
+
+        frozen = load_model(settings, settings.trainer.checkpoint_dir / "model.pt")
+        return analyse(read_record(endpoints.kafka or "", settings), frozen, window_s)
+
+    return report
+
+
+def run(
+    settings: Settings,
+    out: Path,
+    duration_s: float,
+    window_s: float = 30.0,
+    progress: Callable[[str], None] = print,
+) -> Report:
+    """Runs the loop (the demo's traffic, the default publishing cadence) and writes the
+    report and plots under ``out``."""
+    from camoe.pipeline import demo_settings, run_loop
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = run_loop(demo_settings(settings), duration_s, progress, report=reporter(window_s))
+    report = summary.pop("loop")
+    report["traffic"] = summary
+    report["cadence"] = {
+        "publish_every_examples": settings.trainer.publish_every_examples,
+        "publish_every_s": settings.trainer.publish_every_s,
+    }
+    (out / "freshness.json").write_text(json.dumps(report, indent=2))
+    for line in summary_lines(report):
+        progress(line)
+    for path in plot(report, out):
+        progress(f"wrote {path}")
+    progress(f"wrote {out / 'freshness.json'}")
+    return report
