@@ -16,18 +16,16 @@ The demo prints the same report; this benchmark also writes ``freshness.json``,
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer
 
 from camoe.features import FORMATS
 from camoe.settings import Settings
+from services.kafka import read_committed
 from services.stack import Endpoints
 from streaming.avro import AvroCodec
 from trainer.metrics import format_metrics
@@ -44,48 +42,17 @@ class LoopRecord:
     updates: list[dict[str, Any]]
 
 
-def read_topic(bootstrap: str, topic: str, codec: AvroCodec, idle_s: float = 3.0) -> list[dict]:
-    """Every committed record of ``topic`` from its beginning, until it has been idle."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"report-{uuid.uuid4().hex[:8]}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
-    consumer.subscribe([topic])
-    values: list[dict] = []
-    give_up = time.monotonic() + 30  # joining the group takes a moment
-    last_seen: float | None = None  # the idle clock starts once partitions are assigned
-    try:
-        while True:
-            messages = consumer.consume(500, 0.5)
-            for message in messages:
-                if message.error() is None:
-                    values.append(codec.decode(message.value()))
-            now = time.monotonic()
-            if messages or (last_seen is None and consumer.assignment()):
-                last_seen = now
-            if (last_seen is not None and now - last_seen > idle_s) or (
-                last_seen is None and now > give_up
-            ):
-                break
-    finally:
-        consumer.close()
-    return values
-
-
 def read_record(bootstrap: str, settings: Settings) -> LoopRecord:
     topics = settings.kafka.topics
-    events = read_topic(bootstrap, topics.labelled_events.name, AvroCodec("labelled_event"))
+    events = read_committed(
+        bootstrap, topics.labelled_events.name, AvroCodec("labelled_event").decode
+    )
     final: dict[str, dict[str, Any]] = {}
     for event in events:
         request_id = event["impression"]["request_id"]
         if request_id not in final or event["label"] > final[request_id]["label"]:
             final[request_id] = event
-    updates = read_topic(bootstrap, topics.model_updates.name, AvroCodec("model_update"))
+    updates = read_committed(bootstrap, topics.model_updates.name, AvroCodec("model_update").decode)
     unique = {u["version"]: u for u in updates}  # announcements may repeat after a restart
     return LoopRecord(
         sorted(final.values(), key=lambda e: e["impression"]["event_time"]),

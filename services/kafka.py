@@ -5,8 +5,13 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from camoe.settings import ROOT, KafkaSettings, TopicSpec
@@ -178,3 +183,38 @@ def group_members(bootstrap: str, group_id: str, timeout_s: float = 5.0) -> int:
     description = admin.describe_consumer_groups([group_id], request_timeout=timeout_s)[group_id]
     group = description.result(timeout_s)
     return len(group.members) if group.state == ConsumerGroupState.STABLE else 0
+
+
+def read_committed(
+    bootstrap: str, topic: str, decode: Callable[[bytes], dict[str, Any]], idle_s: float = 3.0
+) -> list[dict[str, Any]]:
+    """Every committed record of ``topic`` from its beginning, until it has been idle."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex[:8]}",  # joined, never committed
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    consumer.subscribe([topic])
+    values: list[dict[str, Any]] = []
+    give_up = time.monotonic() + 30  # joining the group takes a moment
+    last_seen: float | None = None  # the idle clock starts once partitions are assigned
+    try:
+        while True:
+            messages = consumer.consume(500, 0.5)
+            for message in messages:
+                if message.error() is None:
+                    values.append(decode(message.value()))
+            now = time.monotonic()
+            if messages or (last_seen is None and consumer.assignment()):
+                last_seen = now
+            if (last_seen is not None and now - last_seen > idle_s) or (
+                last_seen is None and now > give_up
+            ):
+                break
+    finally:
+        consumer.close()
+    return values

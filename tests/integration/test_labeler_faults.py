@@ -21,7 +21,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from camoe.feature_store import apply_and_materialize, open_store
-from camoe.pipeline import write_settings
+from camoe.pipeline import run_topics, write_settings
 from camoe.settings import Settings
 from services.kafka import create_topics
 from simulator.traffic import World
@@ -44,13 +44,7 @@ def world(services, tmp_path_factory):
     root = tmp_path_factory.mktemp("labeler")
     feature_repo, _ = copy_repos(root)
     suffix = uuid.uuid4().hex[:6]
-    topics = settings.kafka.topics
-    renamed = topics.model_copy(
-        update={
-            name: spec.model_copy(update={"name": f"{spec.name}-{suffix}"})
-            for name, spec in ((f, getattr(topics, f)) for f in type(topics).model_fields)
-        }
-    )
+    renamed = run_topics(settings, "labeler").kafka.topics
     s = settings.model_copy(
         update={
             "kafka": settings.kafka.model_copy(

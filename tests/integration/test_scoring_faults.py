@@ -16,7 +16,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from camoe.feature_store import OnlineFeatures, apply_and_materialize, open_store
-from camoe.pipeline import write_settings
+from camoe.pipeline import run_topics, write_settings
 from camoe.settings import TopicSpec
 from consumers.scoring import Scorer
 from services import triton
@@ -41,14 +41,7 @@ def world(services, tmp_path_factory):
     settings, endpoints = services
     root = tmp_path_factory.mktemp("trouble")
     feature_repo, model_repo = copy_repos(root)
-    suffix = uuid.uuid4().hex[:6]
-    topics = settings.kafka.topics
-    renamed = topics.model_copy(
-        update={
-            name: spec.model_copy(update={"name": f"{spec.name}-{suffix}"})
-            for name, spec in ((f, getattr(topics, f)) for f in type(topics).model_fields)
-        }
-    )
+    renamed = run_topics(settings, "trouble").kafka.topics
     s = settings.model_copy(
         update={
             "kafka": settings.kafka.model_copy(update={"topics": renamed}),

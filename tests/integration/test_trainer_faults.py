@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from camoe.pipeline import write_settings
 from camoe.settings import Settings
-from services.kafka import create_topics
+from services.kafka import create_topics, read_committed
 from services.triton import TritonClient
 from simulator.traffic import World
 from streaming.avro import AvroCodec
@@ -94,28 +94,6 @@ def _cadence_turns(log_path: Path) -> int:
     return len(re.findall(r"published version|rejected", log_path.read_text()))
 
 
-def _announced_versions(bootstrap: str, topic: str) -> list[int]:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": uuid.uuid4().hex,
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-        }
-    )
-    consumer.subscribe([topic])
-    codec = AvroCodec("model_update")
-    found: list[int] = []
-    idle_until = time.monotonic() + 10
-    while time.monotonic() < idle_until:
-        for message in consumer.consume(100, 0.5):
-            if message.error() is None:
-                found.append(codec.decode(message.value())["version"])
-                idle_until = time.monotonic() + 3
-    consumer.close()
-    return found
-
-
 def test_sigkill_trainer_resumes_without_training_an_event_twice(trainer_world, tmp_path):
     s, endpoints, history, client = trainer_world
     config = write_settings(s, tmp_path / "settings.yaml")
@@ -174,7 +152,10 @@ def test_sigkill_trainer_resumes_without_training_an_event_twice(trainer_world, 
     assert saved.examples == EVENTS - held_out
     assert log_path.read_text().count("resumed at version") == kills  # each restart resumed
 
-    announced = _announced_versions(endpoints.kafka, s.kafka.topics.model_updates.name)
+    updates = read_committed(
+        endpoints.kafka, s.kafka.topics.model_updates.name, AvroCodec("model_update").decode
+    )
+    announced = [u["version"] for u in updates]
     assert announced == sorted(announced), announced  # a restart may repeat, never go back
     assert announced[-1] == saved.version
     assert saved.version in client.ready_versions()
