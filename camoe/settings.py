@@ -160,7 +160,12 @@ class LabelerSettings(Section):
 class TrainerSettings(Section):
     group_id: str = "camoe-trainer"
     batch_size: int = 256
-    learning_rate: float = 3e-3
+    learning_rate: float = Field(default=3e-3, description="the offline fit of version 1")
+    online_learning_rate: float = Field(
+        default=5e-4,
+        description="the incremental trainer's: small noisy batches at the offline rate made "
+        "candidates worse than the version they started from",
+    )
     publish_every_examples: int = 2_000
     publish_every_s: float = Field(
         default=10.0, description="publish when this long has passed and anything was learned"

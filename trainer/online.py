@@ -219,7 +219,7 @@ class IncrementalTrainer:
         self.topic = settings.kafka.topics.model_updates.name
         self.checkpoint_path = checkpoint_path
         self.cluster_id = cluster_id
-        self.optimiser = torch.optim.Adam(model.parameters(), lr=self.t.learning_rate)
+        self.optimiser = torch.optim.Adam(model.parameters(), lr=self.t.online_learning_rate)
         self.serving = copy.deepcopy(model).eval()  # the version Triton serves
         self.offsets: dict[str, int] = {}
         self.examples = 0
@@ -386,7 +386,9 @@ class IncrementalTrainer:
             log.warning("candidate rejected by the quality gate: %s", gate.reason)
             if not finite(self.model):
                 self.model.load_state_dict(self.serving.state_dict())
-                self.optimiser = torch.optim.Adam(self.model.parameters(), lr=self.t.learning_rate)
+                self.optimiser = torch.optim.Adam(
+                    self.model.parameters(), lr=self.t.online_learning_rate
+                )
             return None
         assert self.check is not None  # a publish follows training
         try:

@@ -30,7 +30,7 @@ def test_online_loop_on_drifting_traffic(services):
     assert len(summary["model_versions"]) >= 3, summary["model_versions"]
     assert lines, "progress was reported"
 
-    assert loop["versions"] >= 5  # every ~10 s, the default cadence
+    assert loop["versions"] >= 3  # the gate may hold some candidates back
     assert loop["freshness_s"]["p50"] < 30.0, loop["freshness_s"]
     for fmt, figures in loop["second_half"].items():
         assert figures["clicks"] >= 20, (fmt, figures)
