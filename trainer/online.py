@@ -233,7 +233,6 @@ class IncrementalTrainer:
         self.events = 0  # labelled events read (trained, held out or waiting)
         self.waiting: list[dict[str, Any]] = []  # read, not yet released (see _release)
         self.closed_ms = 0  # the most recent impression time whose negatives have arrived
-        self.versions: list[int] = []
         self.rejected = 0
         self.announcement: dict[str, Any] | None = None  # the last version's model-update
         self._announce_again = False
@@ -399,7 +398,6 @@ class IncrementalTrainer:
             return None
         self.serving.load_state_dict(self.model.state_dict())
         self.version = version
-        self.versions.append(version)
         announcement = {
             "model_name": self.settings.triton.model_name,
             "version": version,
