@@ -4,10 +4,19 @@
   event time) to the ``published_at`` of the first model version that learned it, which
   the trainer stamps once Triton serves that version and it passed its parity check.
   Every model-update lists the click times it is the first to have learned.
-* **Online vs frozen**: every labelled impression carries the score it was served with
-  (by the version live at that moment); a frozen model (version 1's weights, never
+* **Online vs frozen, live**: every labelled impression carries the score it was served
+  with (by the version live at that moment); a frozen model (version 1's weights, never
   updated) scores the same logged features in process. AUC-PR per format over windows of
-  time shows whether learning from the stream pays while the traffic drifts.
+  time shows whether learning from the stream pays while the traffic drifts. A window
+  holds a few dozen clicks per format, so these curves are noisy.
+* **Online vs frozen, at the end**: ``evaluation_requests`` fresh simulated requests in
+  the world as it stands when the traffic stops, every candidate's features read from
+  the online store (the labeler's counters included) as the scorer reads them, scored by
+  the version Triton serves and by the frozen model. AUC-PR is taken against the
+  simulator's click probabilities themselves (``expected_auc_pr``), so the comparison
+  has no label noise: this is the one a test can hold to. Scoring every candidate, not
+  only the winners, also keeps it free of selection: the live impressions are those the
+  online model chose, which biases the live comparison towards the frozen model.
 
 The demo prints the same report; this benchmark also writes ``freshness.json``,
 ``freshness.png`` and ``auc_pr_over_time.png``.
@@ -28,7 +37,7 @@ from camoe.settings import Settings
 from services.kafka import read_committed
 from services.stack import Endpoints
 from streaming.avro import AvroCodec
-from trainer.metrics import format_metrics
+from trainer.metrics import expected_auc_pr, format_metrics
 
 Report = dict[str, Any]
 
@@ -119,6 +128,54 @@ def _compare(online: np.ndarray, frozen: np.ndarray, y: np.ndarray, fmt: np.ndar
     return out
 
 
+def evaluate_latest(
+    settings: Settings, endpoints: Endpoints, frozen: Any, hours: float, requests: int
+) -> Report:
+    """AUC-PR per format of the served version and of ``frozen`` on fresh requests drawn
+    from the world at ``hours`` (see the module's docstring)."""
+    from camoe.feature_store import OnlineFeatures, open_store
+    from camoe.features import FeatureLayout
+    from services.triton import TritonClient
+    from simulator.traffic import World
+    from trainer.online import Examples, predict
+
+    world = World(settings.simulator)
+    rng = np.random.default_rng(settings.simulator.seed + 1)
+    batch = [world.request(rng, 0) for _ in range(requests)]
+    reader = OnlineFeatures(
+        open_store(settings.feast, endpoints.redis), settings.feast.feature_service
+    )
+    users, ads = reader.read(
+        (r["user_id"] for r in batch), (c["ad_id"] for r in batch for c in r["candidates"])
+    )
+    x = FeatureLayout(settings.simulator.n_campaigns).encode(batch, users, ads)
+    truth = np.asarray(
+        [world.true_ctr(r, c["ad_id"], hours) for r in batch for c in r["candidates"]]
+    )
+    triton = TritonClient(endpoints.triton or "", settings.triton.model_name)
+    served, versions = [], set()
+    for start in range(0, len(truth), 4096):  # the model's max_batch_size
+        rows = slice(start, start + 4096)
+        pctr, version = triton.infer(x.categorical[rows], x.numeric[rows], x.fmt[rows])
+        served.append(pctr)
+        versions.add(version)
+    triton.close()
+    online = np.concatenate(served)
+    frozen_p = predict(frozen, Examples(x.categorical, x.numeric, x.fmt, truth))
+    out: Report = {"requests": requests, "hours": round(hours, 4), "versions": sorted(versions)}
+    for k, name in enumerate(FORMATS):
+        rows = x.fmt == k
+        out[name] = {
+            "candidates": int(rows.sum()),
+            "expected_clicks": round(float(truth[rows].sum()), 1),
+            **{
+                f"{model}_auc_pr": expected_auc_pr(scores[rows], truth[rows])
+                for model, scores in (("online", online), ("frozen", frozen_p), ("true", truth))
+            },
+        }
+    return out
+
+
 def summary_lines(report: Report) -> list[str]:
     """The report as a few lines for a terminal."""
     lines = [
@@ -140,6 +197,19 @@ def summary_lines(report: Report) -> list[str]:
             ]
             start = w["start_s"] if isinstance(w["start_s"], str) else f"{w['start_s']:.0f}s"
             lines.append(f"  {start:>8}" + "  ".join(cells))
+    if "latest" in report:
+        latest = report["latest"]
+        lines.append(
+            f"at the end, every candidate of {latest['requests']} fresh requests: AUC-PR of "
+            f"served version {'/'.join(latest['versions'])} vs frozen (the simulator's own "
+            "probabilities as scores: the best possible)"
+        )
+        for name in FORMATS:
+            f = latest[name]
+            lines.append(
+                f"  {name:>8}: {f['online_auc_pr']:.3f} vs {f['frozen_auc_pr']:.3f} "
+                f"({f['true_auc_pr']:.3f}), {f['expected_clicks']:.0f} clicks expected"
+            )
     return lines
 
 
@@ -189,14 +259,24 @@ def plot(report: Report, out: Path) -> list[Path]:
     return written
 
 
-def reporter(window_s: float) -> Callable[[Settings, Endpoints], Report]:
+def reporter(
+    window_s: float, evaluation_requests: int = 20_000
+) -> Callable[[Settings, Endpoints], Report]:
     """What ``run_loop`` calls after the traffic, while the services still run."""
 
     def report(settings: Settings, endpoints: Endpoints) -> Report:
         from trainer.train import load_model
 
         frozen = load_model(settings, settings.trainer.checkpoint_dir / "model.pt")
-        return analyse(read_record(endpoints.kafka or "", settings), frozen, window_s)
+        record = read_record(endpoints.kafka or "", settings)
+        result = analyse(record, frozen, window_s)
+        if record.impressions:
+            times = [e["impression"]["event_time"] for e in record.impressions]
+            hours = (max(times) - min(times)) / 3_600_000  # the drift's clock at the end
+            result["latest"] = evaluate_latest(
+                settings, endpoints, frozen, hours, evaluation_requests
+            )
+        return result
 
     return report
 

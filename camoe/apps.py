@@ -64,6 +64,7 @@ def _app(
     sinks: tuple[str, ...],
     batch_size: int,
     guarantee: str = "at-least-once",
+    in_flight_batches: int = 4,
 ) -> StreamApp:
     endpoints = endpoints_for(settings, "kafka")
     return StreamApp(
@@ -75,6 +76,7 @@ def _app(
         dead_letter_topic=settings.kafka.topics.dead_letters.name,
         guarantee=guarantee,
         batch_size=batch_size,
+        in_flight_batches=in_flight_batches,
         instance_id=f"{name}-{settings.worker_id}",
     )
 
@@ -97,6 +99,7 @@ def run_scoring(settings: Settings, stop: Event) -> None:
         ("ad_scores", "feature_log"),
         s.batch_size,
         s.guarantee,
+        s.in_flight_batches,
     )
     scorer = Scorer(settings, features, triton)
     if s.metrics_port is not None:

@@ -116,8 +116,45 @@ def format_index(name: str) -> int:
         raise ValueError(f"unknown ad format {name!r}; expected one of {FORMATS}") from None
 
 
+USER_CATEGORICAL = STORED_CATEGORICAL[:3]
+AD_CATEGORICAL = STORED_CATEGORICAL[3:]
+CONTEXT_CATEGORICAL = ("content_type", "foreground", "device", "hour", "placement")
+USER_NUMERIC = ["activity", *(f"affinity_{i}" for i in range(AFFINITY_DIM))]
+AD_NUMERIC = ["quality", *(f"ad_affinity_{i}" for i in range(AFFINITY_DIM))]
+
+
+@dataclass(frozen=True)
+class Part:
+    """A user's or an ad's share of a row: its categorical indices, its numeric values
+    (profile values, then log1p of its counters) and whether no default stood in."""
+
+    categorical: list[int]
+    numeric: list[float]
+    complete: bool
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A batch of requests' candidates as model inputs, one row per candidate in request
+    order: categorical (B, C) int64, numeric (B, N) float32, format (B,) 0-based,
+    request (B,) index of its request, complete / unknown_user / unknown_ad (B,) bool."""
+
+    categorical: np.ndarray
+    numeric: np.ndarray
+    fmt: np.ndarray
+    request: np.ndarray
+    complete: np.ndarray
+    unknown_user: np.ndarray
+    unknown_ad: np.ndarray
+
+
 class FeatureLayout:
     """Turns request context + user and ad feature dicts into model arrays.
+
+    A row is assembled from parts: the candidate's format and bid, the request's context,
+    the user's part and the ad's part. ``row`` does one candidate (the simulator's
+    history); ``encode`` a whole batch, each distinct user and ad encoded once and the
+    parts gathered with numpy (the scorer, where per-candidate Python was its largest cost).
 
     Args:
         n_campaigns: campaign vocabulary size (campaign_index is 1..n_campaigns).
@@ -127,6 +164,19 @@ class FeatureLayout:
         self.categorical = categorical_features(n_campaigns)
         self.numeric = NUMERIC_FEATURES
         self._cards = {f.name: f.cardinality for f in self.categorical}
+        cat = [f.name for f in self.categorical]
+        num = list(NUMERIC_FEATURES)
+        self._format_col = cat.index("format")
+        self._context_cols = [cat.index(n) for n in CONTEXT_CATEGORICAL]
+        self._user_cat_cols = [cat.index(n) for n in USER_CATEGORICAL]
+        self._ad_cat_cols = [cat.index(n) for n in AD_CATEGORICAL]
+        self._bid_col = num.index("bid")
+        self._user_num_cols = [num.index(n) for n in USER_NUMERIC] + [
+            num.index(f"log1p_{n}") for n in USER_COUNTERS
+        ]
+        self._ad_num_cols = [num.index(n) for n in AD_NUMERIC] + [
+            num.index(f"log1p_{n}") for n in AD_COUNTERS
+        ]
 
     @property
     def n_categorical(self) -> int:
@@ -135,6 +185,50 @@ class FeatureLayout:
     @property
     def n_numeric(self) -> int:
         return len(self.numeric)
+
+    def context_part(self, context: dict[str, Any]) -> list[int]:
+        """The request context's categorical indices, in CONTEXT_CATEGORICAL order."""
+        return [
+            _index(CONTENT_TYPES, context["content_type"]),
+            2 if context["foreground"] else 1,
+            _index(DEVICES, context["device"]),
+            _bounded(int(context["hour"]) + 1, self._cards["hour"]),
+            _index(PLACEMENTS, context["placement"]),
+        ]
+
+    def _part(
+        self,
+        values: dict[str, Any],
+        categorical: tuple[str, ...],
+        numeric: list[str],
+        counters: list[str],
+    ) -> Part:
+        stored = [values.get(n) for n in categorical]
+        complete = all(_present(v) for v in stored)
+        out: list[float] = []
+        for name in numeric:
+            value = values.get(name)
+            if is_float32(value):
+                out.append(float(value))
+            else:
+                complete = False
+                out.append(0.0)
+        # Missing counters mean "no events yet": 0 is the true value, not a default.
+        for name in counters:
+            value = values.get(name)
+            out.append(math.log1p(max(float(value), 0.0)) if is_float32(value) else 0.0)
+        cards = self._cards
+        return Part(
+            [_bounded(v, cards[n]) for v, n in zip(stored, categorical, strict=True)],
+            out,
+            complete,
+        )
+
+    def user_part(self, user: dict[str, Any]) -> Part:
+        return self._part(user, USER_CATEGORICAL, USER_NUMERIC, USER_COUNTERS)
+
+    def ad_part(self, ad: dict[str, Any]) -> Part:
+        return self._part(ad, AD_CATEGORICAL, AD_NUMERIC, AD_COUNTERS)
 
     def row(
         self,
@@ -145,40 +239,81 @@ class FeatureLayout:
     ) -> tuple[list[int], list[float], bool]:
         """One candidate's (categorical, numeric, complete) where ``complete`` is False when
         a store value was missing or NaN and a default stood in for it."""
-        cards = self._cards
-        stored = [user.get(n) for n in STORED_CATEGORICAL[:3]] + [
-            ad.get(n) for n in STORED_CATEGORICAL[3:]
-        ]
-        categorical = [
-            _index(FORMATS, candidate["format"]),
-            _index(CONTENT_TYPES, context["content_type"]),
-            2 if context["foreground"] else 1,
-            _index(DEVICES, context["device"]),
-            _bounded(int(context["hour"]) + 1, cards["hour"]),
-            _index(PLACEMENTS, context["placement"]),
-            *(
-                _bounded(value, cards[name])
-                for value, name in zip(stored, STORED_CATEGORICAL, strict=True)
-            ),
-        ]
-        raw = (
-            [user.get("activity"), candidate["bid"]]
-            + [user.get(f"affinity_{i}") for i in range(AFFINITY_DIM)]
-            + [ad.get("quality")]
-            + [ad.get(f"ad_affinity_{i}") for i in range(AFFINITY_DIM)]
+        u, a = self.user_part(user), self.ad_part(ad)
+        categorical = [0] * self.n_categorical
+        numeric = [0.0] * self.n_numeric
+        categorical[self._format_col] = _index(FORMATS, candidate["format"])
+        for cols, values in (
+            (self._context_cols, self.context_part(context)),
+            (self._user_cat_cols, u.categorical),
+            (self._ad_cat_cols, a.categorical),
+        ):
+            for col, value in zip(cols, values, strict=True):
+                categorical[col] = value
+        for cols, floats in ((self._user_num_cols, u.numeric), (self._ad_num_cols, a.numeric)):
+            for col, number in zip(cols, floats, strict=True):
+                numeric[col] = number
+        bid_ok = is_float32(candidate["bid"])
+        numeric[self._bid_col] = float(candidate["bid"]) if bid_ok else 0.0
+        return categorical, numeric, u.complete and a.complete and bid_ok
+
+    def encode(
+        self,
+        requests: list[dict[str, Any]],
+        users: dict[str, dict[str, Any]],
+        ads: dict[str, dict[str, Any]],
+    ) -> Encoded:
+        """Every candidate of ``requests`` (ad-request records) as model inputs; ``users``
+        and ``ads`` hold the store's features by id (an id absent or ``{}``: unknown, its
+        part all defaults). Equal, row for row, to ``row`` on each candidate."""
+        user_ids: dict[str, int] = {}
+        ad_ids: dict[str, int] = {}
+        u_idx, a_idx, r_idx, fmt, bids = [], [], [], [], []
+        for k, request in enumerate(requests):
+            user = user_ids.setdefault(request["user_id"], len(user_ids))
+            for candidate in request["candidates"]:
+                u_idx.append(user)
+                a_idx.append(ad_ids.setdefault(candidate["ad_id"], len(ad_ids)))
+                r_idx.append(k)
+                fmt.append(_index(FORMATS, candidate["format"]))
+                bids.append(candidate["bid"])
+        u_parts = [self.user_part(users.get(u) or {}) for u in user_ids]
+        a_parts = [self.ad_part(ads.get(a) or {}) for a in ad_ids]
+        rows = (np.asarray(u_idx, np.int64), np.asarray(a_idx, np.int64))
+        n = len(r_idx)
+        categorical = np.zeros((n, self.n_categorical), np.int64)
+        numeric = np.zeros((n, self.n_numeric), np.float32)
+        complete = np.ones(n, bool)
+        for index, parts, cat_cols, num_cols in (
+            (rows[0], u_parts, self._user_cat_cols, self._user_num_cols),
+            (rows[1], a_parts, self._ad_cat_cols, self._ad_num_cols),
+        ):
+            cats = np.asarray([p.categorical for p in parts], np.int64).reshape(-1, len(cat_cols))
+            nums = np.asarray([p.numeric for p in parts], np.float32).reshape(-1, len(num_cols))
+            categorical[:, cat_cols] = cats[index]
+            numeric[:, num_cols] = nums[index]
+            complete &= np.asarray([p.complete for p in parts], bool)[index]
+        request = np.asarray(r_idx, np.int64)
+        contexts = np.asarray([self.context_part(r["context"]) for r in requests], np.int64)
+        categorical[:, self._context_cols] = contexts.reshape(-1, len(self._context_cols))[request]
+        codes = np.asarray(fmt, np.int64)
+        categorical[:, self._format_col] = codes
+        bid = np.asarray([b if is_float32(b) else np.nan for b in bids], np.float64)
+        complete &= np.isfinite(bid)
+        numeric[:, self._bid_col] = np.nan_to_num(bid, nan=0.0)
+        known = (
+            np.asarray([bool(users.get(u)) for u in user_ids], bool),
+            np.asarray([bool(ads.get(a)) for a in ad_ids], bool),
         )
-        counters = [user.get(n) for n in USER_COUNTERS] + [ad.get(n) for n in AD_COUNTERS]
-        complete = all(_present(v) for v in stored)
-        numeric: list[float] = []
-        for value in raw:
-            if not is_float32(value):
-                complete = False
-                numeric.append(0.0)
-            else:
-                numeric.append(float(value))
-        # Missing counters mean "no events yet": 0 is the true value, not a default.
-        numeric += [math.log1p(max(float(c), 0.0)) if is_float32(c) else 0.0 for c in counters]
-        return categorical, numeric, complete
+        return Encoded(
+            categorical,
+            numeric,
+            codes - 1,
+            request,
+            complete,
+            ~known[0][rows[0]],
+            ~known[1][rows[1]],
+        )
 
     def arrays(
         self, rows: list[tuple[list[int], list[float], bool]]

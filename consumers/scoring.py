@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from camoe.features import FORMATS, FeatureLayout, is_float32
+from camoe.features import FORMATS, Encoded, FeatureLayout, is_float32
 from camoe.settings import Settings
 from consumers.metrics import ScoringMetrics
 from services.triton import InferenceServerException, TritonClient
@@ -131,34 +131,15 @@ class Scorer:
                 result.dead_letters.append((record, str(error)))
                 continue
             requests.append(record)
-        pairs = [(r.value["user_id"], c["ad_id"]) for r in requests for c in r.value["candidates"]]
-        looked_up = self.features.read(pairs)
-        features_done = time.perf_counter()
-
-        rows, flags_per_row = [], []
-        k = 0
-        for record in requests:
-            request = record.value
-            for candidate in request["candidates"]:
-                user, ad = looked_up[k]
-                k += 1
-                categorical, numeric, complete = self.layout.row(
-                    request["context"], candidate, user, ad
-                )
-                rows.append((categorical, numeric, complete))
-                flags = [] if complete else ["degraded"]
-                if not user:
-                    flags.append("unknown_user")
-                if not ad:
-                    flags.append("unknown_ad")
-                flags_per_row.append(flags)
-        if not rows:
+        if not requests:
             return result
-        categorical, numeric = self.layout.arrays(rows)
-        fmt = np.asarray(
-            [FORMATS.index(c["format"]) for r in requests for c in r.value["candidates"]],
-            dtype=np.int64,
+        values = [r.value for r in requests]
+        users, ads = self.features.read(
+            (v["user_id"] for v in values), (c["ad_id"] for v in values for c in v["candidates"])
         )
+        encoded = self.layout.encode(values, users, ads)
+        features_done = time.perf_counter()
+        categorical, numeric, fmt = encoded.categorical, encoded.numeric, encoded.fmt
         try:
             pctr, version = self._infer(categorical, numeric, fmt)
         except ModelRejected as error:
@@ -169,14 +150,29 @@ class Scorer:
             "inference": (done - features_done) * 1000,
             "total": (done - started) * 1000,
         }
-        k = 0
-        for record in requests:
+        flags = self._flags(encoded, len(requests))
+        starts = np.searchsorted(encoded.request, np.arange(len(requests)))
+        for k, record in enumerate(requests):
             result.outputs += self._outputs(
-                record.value, k, pctr, categorical, numeric, flags_per_row, version, timings
+                record.value, int(starts[k]), pctr, categorical, numeric, flags[k], version, timings
             )
-            k += len(record.value["candidates"])
-        self._observe(requests, len(rows), timings, version, len(result.dead_letters))
+        self._observe(requests, len(fmt), timings, version, len(result.dead_letters))
         return result
+
+    @staticmethod
+    def _flags(encoded: Encoded, requests: int) -> list[list[str]]:
+        """Each request's flags, sorted: ``degraded`` when a default stood in for a stored
+        value of any of its candidates, ``unknown_user`` / ``unknown_ad`` when the store has
+        no profile for them."""
+        per_request: list[set[str]] = [set() for _ in range(requests)]
+        for name, rows in (
+            ("degraded", ~encoded.complete),
+            ("unknown_user", encoded.unknown_user),
+            ("unknown_ad", encoded.unknown_ad),
+        ):
+            for k in np.unique(encoded.request[rows]):
+                per_request[k].add(name)
+        return [sorted(flags) for flags in per_request]
 
     def _observe(
         self,
@@ -209,7 +205,7 @@ class Scorer:
         pctr: np.ndarray,
         categorical: np.ndarray,
         numeric: np.ndarray,
-        flags_per_row: list[list[str]],
+        flags: list[str],
         version: str,
         timings: dict[str, float],
     ) -> list[Output]:
@@ -224,9 +220,8 @@ class Scorer:
             for i, c in enumerate(candidates)
         ]
         best = max(range(len(scores)), key=lambda i: scores[i]["bid"] * scores[i]["pctr"])
-        flags = sorted({f for i in range(len(candidates)) for f in flags_per_row[first + i]})
         if version == FALLBACK_VERSION:
-            flags.append("fallback")
+            flags = [*flags, "fallback"]
         winner = candidates[best]
         key = request["request_id"]
         return [

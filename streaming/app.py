@@ -11,10 +11,12 @@ unbounded buffer).
 
 Delivery guarantees (``guarantee``):
 
-* ``at-least-once`` (default): after each batch the app produces the outputs, waits
-  until the broker acknowledges every one, and only then commits the consumed offsets.
-  A crash between the two re-delivers the batch; outputs are keyed by request id so a
-  downstream reader can recognise the duplicates.
+* ``at-least-once`` (default): a batch's consumed offsets are committed only once the
+  broker has acknowledged every output of it and of every batch before it. The app does
+  not wait for that: it goes on with the next batches while up to ``in_flight_batches``
+  wait for their acknowledgements, and commits (asynchronously) as they arrive. A crash
+  re-delivers the batches not yet committed (at most ``in_flight_batches`` + 1); outputs
+  are keyed by request id so a downstream reader can recognise the duplicates.
 * ``exactly-once``: one transactional producer per worker; the outputs and the consumed
   offsets are committed in one Kafka transaction, and a failed batch is aborted and
   re-read. Readers must use ``isolation.level=read_committed``.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from threading import Event
@@ -62,6 +65,14 @@ class Output:
     key: str | None
     value: dict[str, Any] | None
     partition: int | None = None
+
+
+@dataclass
+class InFlight:
+    """A batch's offsets, waiting until the broker has acknowledged all its outputs."""
+
+    offsets: list[TopicPartition]
+    unacknowledged: int = 0
 
 
 @dataclass
@@ -121,6 +132,8 @@ class StreamApp:
         guarantee: ``at-least-once`` or ``exactly-once``.
         batch_size: most records per ``consume`` call.
         poll_timeout_s: how long ``consume`` waits for the first record.
+        in_flight_batches: at-least-once, how many batches may wait for acknowledgements
+            while the next is processed (0: wait after each batch).
         instance_id: this worker's stable identity within the group. A worker restarted
             with the same id takes its partitions back at once (static membership) and,
             exactly-once, fences its crashed predecessor's open transaction (aborting it)
@@ -138,6 +151,7 @@ class StreamApp:
         guarantee: str = "at-least-once",
         batch_size: int = 500,
         poll_timeout_s: float = 0.1,
+        in_flight_batches: int = 4,
         instance_id: str | None = None,
         consumer_config: dict[str, Any] | None = None,
     ) -> None:
@@ -150,6 +164,8 @@ class StreamApp:
         self.guarantee = guarantee
         self.batch_size = batch_size
         self.poll_timeout_s = poll_timeout_s
+        self.in_flight_batches = in_flight_batches
+        self._in_flight: deque[InFlight] = deque()
         self.counters = {
             "consumed": 0,
             "produced": 0,
@@ -207,6 +223,8 @@ class StreamApp:
 
         def on_revoke(_consumer: Consumer, partitions: list[TopicPartition]) -> None:
             log.info("%s: revoked %d partitions", self.name, len(partitions))
+            if self.guarantee == "at-least-once":
+                self.drain()  # their next owner starts after everything acknowledged here
             if hooks is not None:
                 hooks.on_revoke(partitions)
 
@@ -234,6 +252,9 @@ class StreamApp:
                 result.dead_letters.extend(bad)
                 if messages or result.outputs or result.dead_letters:
                     self.checkpoint(result, commit_policy(records))
+                elif self._in_flight:  # idle: commit what has been acknowledged since
+                    self._producer.poll(0)
+                    self._commit_acknowledged(wait=False)
         finally:
             self.close()
 
@@ -288,57 +309,101 @@ class StreamApp:
     def checkpoint(self, result: BatchResult, offsets: list[TopicPartition]) -> None:
         """Makes one batch durable.
 
-        1. begin a transaction (exactly-once);
-        2. produce the outputs and the dead letters;
-        3. at-least-once: flush and check that every record was acknowledged, then
-           commit the offsets; exactly-once: send the offsets to the transaction and
-           commit it (abort on failure, so the batch is re-read).
+        exactly-once: begin a transaction, produce the outputs and dead letters, send the
+        offsets to the transaction and commit it (abort on failure, so the batch is
+        re-read).
+
+        at-least-once: produce the outputs and dead letters, then commit the offsets of
+        every batch, in order, whose outputs the broker has acknowledged. When more than
+        ``in_flight_batches`` still wait, wait for the oldest.
         """
-        # 1. begin
         if self.guarantee == "exactly-once":
             self._producer.begin_transaction()
-        try:
-            # 2. produce
-            for output in result.outputs:
-                self.produce(output)
-            for source, reason in result.dead_letters:
-                self._produce_dead_letter(source, reason)
-            # 3. acknowledge, then commit
-            if self.guarantee == "exactly-once":
+            try:
+                self._produce_all(result, None)
                 if offsets:
                     self._producer.send_offsets_to_transaction(
                         offsets, self._consumer.consumer_group_metadata(), 30
                     )
                 self._producer.commit_transaction(30)
-            else:
-                self.flush()
-                if offsets:
-                    self._consumer.commit(offsets=offsets, asynchronous=False)
-        except Exception:
-            if self.guarantee == "exactly-once":
+            except Exception:
                 self._producer.abort_transaction(30)
-            raise
+                raise
+        else:
+            batch = InFlight(offsets)
+            self._produce_all(result, batch)
+            self._in_flight.append(batch)
+            self._producer.poll(0)
+            while len(self._in_flight) > self.in_flight_batches:
+                self._producer.poll(0.005)
+                self._check_deliveries()
+                self._commit_acknowledged(wait=False)
+            self._commit_acknowledged(wait=False)
         self.counters["batches"] += 1
 
-    def produce(self, output: Output) -> None:
+    def _produce_all(self, result: BatchResult, batch: InFlight | None) -> None:
+        for output in result.outputs:
+            self.produce(output, batch)
+        for source, reason in result.dead_letters:
+            self._produce_dead_letter(source, reason, batch)
+
+    def _commit_acknowledged(self, wait: bool) -> None:
+        """Commits the offsets of the acknowledged batches at the front of the queue."""
+        self._check_deliveries()
+        done: dict[tuple[str, int], int] = {}
+        while self._in_flight and self._in_flight[0].unacknowledged == 0:
+            for tp in self._in_flight.popleft().offsets:
+                done[(tp.topic, tp.partition)] = tp.offset
+        if done:
+            self._consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in done.items()],
+                asynchronous=not wait,
+            )
+
+    def _check_deliveries(self) -> None:
+        if self._delivery_errors:
+            errors, self._delivery_errors = self._delivery_errors, []
+            raise DeliveryError(f"{self.name}: records not acknowledged: {errors[:3]}")
+
+    def drain(self) -> None:
+        """Waits for every output's acknowledgement and commits every batch (at-least-once:
+        before partitions move, and when stopping)."""
+        self.flush()
+        if self.guarantee == "at-least-once":
+            self._commit_acknowledged(wait=True)
+
+    def produce(self, output: Output, batch: InFlight | None = None) -> None:
         data = None if output.value is None else self.sinks[output.topic].encode(output.value)
-        self._produce_raw(output.topic, output.key, data, output.partition)
+        self._produce_raw(output.topic, output.key, data, output.partition, batch)
         self.counters["produced"] += 1
 
     def _produce_raw(
-        self, topic: str, key: str | bytes | None, value: bytes | None, partition: int | None = None
+        self,
+        topic: str,
+        key: str | bytes | None,
+        value: bytes | None,
+        partition: int | None = None,
+        batch: InFlight | None = None,
     ) -> None:
         where = {} if partition is None else {"partition": partition}
+        if batch is not None:
+            batch.unacknowledged += 1
         while True:
             try:
                 self._producer.produce(
-                    topic, value=value, key=key, on_delivery=self._on_delivery, **where
+                    topic,
+                    value=value,
+                    key=key,
+                    on_delivery=lambda error, _message: self._on_delivery(error, batch),
+                    **where,
                 )
                 return
             except BufferError:  # local queue full: let the broker catch up
                 self._producer.poll(0.05)
 
-    def _produce_dead_letter(self, source: Record | Message, reason: str) -> None:
+    def _produce_dead_letter(
+        self, source: Record | Message, reason: str, batch: InFlight | None = None
+    ) -> None:
         if isinstance(source, Record):
             topic, partition, offset = source.topic, source.partition, source.offset
             key, value = source.key, source.raw
@@ -355,13 +420,15 @@ class StreamApp:
             "consumer": self.name,
             "failed_at": int(time.time() * 1000),
         }
-        self._produce_raw(self.dead_letter_topic, key, DEAD_LETTERS.encode(letter))
+        self._produce_raw(self.dead_letter_topic, key, DEAD_LETTERS.encode(letter), batch=batch)
         self.counters["dead_letters"] += 1
         log.warning("%s: dead letter %s[%d]@%d: %s", self.name, topic, partition, offset, reason)
 
-    def _on_delivery(self, error: KafkaError | None, _message: Message) -> None:
+    def _on_delivery(self, error: KafkaError | None, batch: InFlight | None) -> None:
         if error is not None:
             self._delivery_errors.append(error)
+        elif batch is not None:
+            batch.unacknowledged -= 1
 
     def flush(self) -> None:
         remaining = self._producer.flush(30)
@@ -373,7 +440,11 @@ class StreamApp:
 
     def close(self) -> None:
         try:
-            self._producer.flush(10)
-            self._producer.close()
+            self.drain()
+        except Exception as error:  # stopping anyway: what is uncommitted is re-read
+            log.warning("%s: stopping with unacknowledged outputs: %s", self.name, error)
         finally:
-            self._consumer.close()
+            try:
+                self._consumer.close()  # its revoke callback drains: the producer still runs
+            finally:
+                self._producer.close()

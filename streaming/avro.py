@@ -80,10 +80,11 @@ class SchemaStore:
             self.register(schema_json(name))
 
     def register(self, schema: dict[str, Any]) -> bytes:
-        parsed = parse_schema(schema, _write_hint=False)
+        canonical = to_parsing_canonical_form(parse_schema(schema, _write_hint=False))
         # The fingerprint is of the canonical form, so it is a little-endian CRC-64 per spec.
-        key = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
-        self._by_fingerprint[key] = parsed
+        key = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
+        # Kept with fastavro's "parsed" hint: without it every read parses the schema again.
+        self._by_fingerprint[key] = parse_schema(schema)
         return key
 
     def writer_schema(self, fp: bytes) -> dict[str, Any]:
@@ -99,7 +100,7 @@ _STORE = SchemaStore()
 
 
 def _read_body(
-    name: str, data: bytes, start: int, writer: dict[str, Any], reader: dict[str, Any]
+    name: str, data: bytes, start: int, writer: dict[str, Any], reader: dict[str, Any] | None
 ) -> dict[str, Any]:
     """Reads the body after the header; the record must use every remaining byte."""
     buffer = io.BytesIO(data)
@@ -131,9 +132,9 @@ class AvroCodec:
         store: SchemaStore = _STORE,
     ) -> None:
         self.name = name
-        self._schema = parse_schema(schema or schema_json(name), _write_hint=False)
         self._store = store
-        self._fingerprint = store.register(self._schema)
+        self._fingerprint = store.register(schema or schema_json(name))
+        self._schema = store.writer_schema(self._fingerprint)
         self._header = SINGLE_OBJECT_MARKER + self._fingerprint
 
     def encode(self, record: dict[str, Any]) -> bytes:
@@ -148,8 +149,10 @@ class AvroCodec:
     def decode(self, data: bytes | None) -> dict[str, Any]:
         if not data or len(data) < 10 or data[:2] != SINGLE_OBJECT_MARKER:
             raise DecodeError(f"{self.name}: not an Avro single-object encoded record")
-        writer = self._store.writer_schema(bytes(data[2:10]))
-        return _read_body(self.name, data, 10, writer, self._schema)
+        fp = bytes(data[2:10])
+        if fp == self._fingerprint:  # written with this schema: nothing to resolve
+            return _read_body(self.name, data, 10, self._schema, None)
+        return _read_body(self.name, data, 10, self._store.writer_schema(fp), self._schema)
 
 
 class ConfluentAvroCodec:
@@ -161,7 +164,7 @@ class ConfluentAvroCodec:
         self.name = name
         self._client = SchemaRegistryClient({"url": registry_url})
         self._json = schema_json(name)
-        self._schema = parse_schema(self._json, _write_hint=False)
+        self._schema = parse_schema(self._json)
         self._schema_id = self._client.register_schema(
             subject, Schema(json.dumps(self._json), "AVRO")
         )

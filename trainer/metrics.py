@@ -32,6 +32,17 @@ def format_metrics(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
     }
 
 
+def expected_auc_pr(p: np.ndarray, click_probability: np.ndarray) -> float:
+    """AUC-PR of scores ``p`` when row i is a click with probability ``click_probability[i]``
+    (known in simulation): each row counts as a click with that weight and as a non-click
+    with the rest, so no sampling noise of labels remains."""
+    if len(p) == 0:
+        return float("nan")
+    y = np.r_[np.ones(len(p)), np.zeros(len(p))]
+    weights = np.r_[click_probability, 1 - click_probability]
+    return float(average_precision_score(y, np.r_[p, p], sample_weight=weights))
+
+
 def per_format(p: np.ndarray, y: np.ndarray, fmt: np.ndarray) -> dict[str, dict[str, float]]:
     """``format_metrics`` for each format index in ``fmt`` (NaN where a format has one class)."""
     return {f: format_metrics(p[fmt == k], y[fmt == k]) for k, f in enumerate(FORMATS)}

@@ -336,7 +336,7 @@ class IncrementalTrainer:
     def _train(self, x: Examples) -> None:
         tensors = to_tensors(x.categorical, x.numeric, x.fmt, x.label)
         self.model.train()
-        size = self.t.batch_size
+        size = self.t.online_batch_size
         for start in range(0, len(x), size):
             c, n, f, y = (t[start : start + size] for t in tensors)
             loss = masked_bce(self.model(c, n), y, f)

@@ -26,22 +26,23 @@ def test_materialised_features_read_back(services, tmp_path, online_store):
     )
 
     pairs = [("u1", "a3"), ("u42", "a7"), ("nobody", "a1")]
-    rows = features.read(pairs)
-    for (user_id, ad_id), (user, ad) in zip(pairs, rows, strict=True):
+    users, ads = features.read([u for u, _ in pairs], [a for _, a in pairs])
+    for user_id, ad_id in pairs[:2]:
+        user, ad = users[user_id], ads[ad_id]
         expected_user, expected_ad = world.features(user_id, ad_id)
         assert set(expected_user) <= set(user)
         for name, value in {**expected_user, **expected_ad}.items():
             got = user[name] if name in expected_user else ad[name]
             assert got == pytest.approx(value, rel=1e-6), name
-    assert rows[2][0] == {}  # unknown user: empty, so the scorer flags it
-    assert rows[0][0]["user_impressions"] == 0
+    assert "nobody" not in users  # unknown: absent, so the scorer flags it
+    assert users["u1"]["user_impressions"] == 0
 
     # Counters are kept for a second by default: a push shows once that has passed.
     counter_pusher(store)({"u1": [5, 2]}, {"a3": [9, 1]})
     time.sleep(1.1)
-    user, ad = features.read([("u1", "a3")])[0]  # a3's profile now from the cache
-    assert (user["user_impressions"], user["user_clicks"]) == (5, 2)
-    assert (ad["ad_impressions"], ad["ad_clicks"]) == (9, 1)
+    users, ads = features.read(["u1"], ["a3"])  # a3's profile now from the cache
+    assert (users["u1"]["user_impressions"], users["u1"]["user_clicks"]) == (5, 2)
+    assert (ads["a3"]["ad_impressions"], ads["a3"]["ad_clicks"]) == (9, 1)
 
 
 @pytest.mark.parametrize("online_store", ["sqlite", "redis"])
@@ -68,10 +69,11 @@ def test_fast_reader_equals_get_online_features(services, tmp_path, online_store
     ):
         reader = OnlineFeatures(store, settings.feast.feature_service, cache_s=cache_s)
         for _ in range(2):  # the second pass is served partly from the cache
-            rows = reader.read(pairs)
-            for k, (user, ad) in enumerate(rows):
+            by_user, by_ad = reader.read([u for u, _ in pairs], [a for _, a in pairs])
+            for k, (user_id, ad_id) in enumerate(pairs):
+                row = {**by_user.get(user_id, {}), **by_ad.get(ad_id, {})}
                 for name, values in expected.items():
                     if name in ("user_id", "ad_id"):
                         continue
-                    got = {**user, **ad}.get(name)
+                    got = row.get(name)
                     assert got == values[k], (pairs[k], name, got, values[k])

@@ -329,3 +329,58 @@ def test_format_index(fmt, expected):
 def test_format_index_rejects_unknown_formats(bad):
     with pytest.raises(ValueError, match=f"unknown ad format {bad!r}"):
         format_index(bad)
+
+
+def test_encode_equals_row_for_every_candidate(layout):
+    """The scorer's batch encoding gives, row for row, what ``row`` gives one candidate:
+    shared users and ads, unknown ones, missing and NaN values, a bid that is not a number."""
+    users = {
+        "u1": user(),
+        "u2": user(activity=float("nan"), user_clicks=None),
+        "u3": user(country=None),
+        "u4": {},
+    }
+    ads = {"a1": ad(), "a2": ad(quality=None, ad_impressions=5), "a3": ad(category=99)}
+    requests = [
+        {
+            "user_id": u,
+            "context": context(hour=h, device=d),
+            "candidates": [
+                candidate(ad_id=a, format=f, bid=b)
+                for a, f, b in zip(
+                    ["a1", "a2", "a3", "a9"][: n + 1],
+                    ["audio", "video", "display", "video"],
+                    [1.0, 0.5, float("inf"), 2.0],
+                    strict=False,
+                )
+            ],
+        }
+        for n, (u, h, d) in enumerate(
+            [("u1", 0, "tv"), ("u2", 23, "mobile"), ("u1", 7, "desktop"), ("u4", 12, "x")]
+        )
+    ] + [{"user_id": "u3", "context": context(), "candidates": [candidate(ad_id="a1")]}]
+
+    encoded = layout.encode(requests, users, ads)
+
+    k = 0
+    for r, request in enumerate(requests):
+        for c in request["candidates"]:
+            cat, num, complete = layout.row(
+                request["context"], c, users.get(request["user_id"], {}), ads.get(c["ad_id"], {})
+            )
+            assert encoded.categorical[k].tolist() == cat
+            np.testing.assert_array_equal(encoded.numeric[k], np.asarray(num, np.float32))
+            assert encoded.complete[k] == complete
+            assert encoded.request[k] == r
+            assert encoded.fmt[k] == FORMATS.index(c["format"])
+            assert encoded.unknown_user[k] == (request["user_id"] == "u4")
+            assert encoded.unknown_ad[k] == (c["ad_id"] == "a9")
+            k += 1
+    assert k == len(encoded.fmt) == 11
+    assert encoded.categorical.dtype == np.int64 and encoded.numeric.dtype == np.float32
+
+
+def test_encode_of_no_requests_keeps_the_width(layout):
+    encoded = layout.encode([], {}, {})
+    assert encoded.categorical.shape == (0, layout.n_categorical)
+    assert encoded.numeric.shape == (0, layout.n_numeric)

@@ -1,0 +1,32 @@
+"""trainer/metrics.py: AUC-PR against known click probabilities."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score
+
+from trainer.metrics import expected_auc_pr
+
+
+def test_expected_auc_pr_with_certain_outcomes_is_plain_auc_pr():
+    rng = np.random.default_rng(0)
+    y = (rng.random(500) < 0.2).astype(float)
+    scores = rng.random(500) + y * 0.5
+    assert expected_auc_pr(scores, y) == average_precision_score(y, scores)
+
+
+def test_expected_auc_pr_is_the_mean_over_sampled_labels():
+    rng = np.random.default_rng(1)
+    p = rng.beta(1, 8, 2000)
+    scores = p + rng.normal(0, 0.05, 2000)
+    sampled = [average_precision_score(rng.random(2000) < p, scores) for _ in range(300)]
+    assert abs(expected_auc_pr(scores, p) - float(np.mean(sampled))) < 0.01
+
+
+def test_the_true_probabilities_rank_best_and_order_is_all_that_counts():
+    rng = np.random.default_rng(2)
+    p = rng.beta(1, 8, 3000)
+    noisy = p + rng.normal(0, 0.1, 3000)
+    assert expected_auc_pr(p, p) > expected_auc_pr(noisy, p)
+    assert expected_auc_pr(np.log(p), p) == expected_auc_pr(p, p)
+    assert np.isnan(expected_auc_pr(np.array([]), np.array([])))
