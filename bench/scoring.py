@@ -3,9 +3,12 @@ Triton, next to three floors measured in the same run.
 
 * saturation: ``requests`` requests are produced first, then a fresh scoring process
   drains them; requests/s and candidates/s from its first to its last score.
-* fixed load: ``rate`` requests/s for ``seconds`` (4 candidates each, as the simulator
-  makes them) into the running scorer; latency is request event time to the scores
-  record read back, p50 / p99, with a histogram.
+* fixed load: ``rate`` requests/s for ``warmup_s`` then ``seconds`` (4 candidates each,
+  as the simulator makes them) into the running scorer; latency is request event time
+  to the scores record read back, p50 / p99 over the ``seconds`` after the warm-up, with
+  a histogram. The warm-up is the same traffic, not counted: the first second of a fresh
+  load generator and a scorer going from a drained backlog to a steady stream is
+  start-up, not the latency the scorer serves at that rate.
 * floors, each the same work done by the simplest real thing:
   - Kafka passthrough: consume the same requests, decode, encode, produce, flush;
   - model forward: the in-process CAMoE forward on the same batches (torch, no Triton);
@@ -31,7 +34,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, Producer
 
-from camoe.features import FORMATS, FeatureLayout
+from camoe.features import FeatureLayout
 from camoe.pipeline import prepare, run_topics, write_settings
 from camoe.settings import Settings, TopicSpec
 from services.kafka import create_topics
@@ -72,6 +75,9 @@ def _produce(
 ) -> None:
     """Produces requests, at ``rate`` per second when given; event_time = produce time."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    # Connected, with the topic's partitions known, before the first stamp: otherwise the
+    # first records wait for that and their latency is the load generator's start-up.
+    producer.list_topics(topic, timeout=10)
     started = time.monotonic()
     for i, request in enumerate(requests):
         if rate is not None:
@@ -174,18 +180,19 @@ def forward_floor(
     layout = FeatureLayout(settings.simulator.n_campaigns)
     batches = []
     for start in range(0, len(requests), batch):
-        rows, fmt = [], []
-        for request in requests[start : start + batch]:
+        chunk = requests[start : start + batch]
+        users, ads = {}, {}
+        for request in chunk:
             for c in request["candidates"]:
-                user, ad = world.features(request["user_id"], c["ad_id"])
-                rows.append(layout.row(request["context"], c, user, ad))
-                fmt.append(FORMATS.index(c["format"]))
-        categorical, numeric = layout.arrays(rows)
+                users[request["user_id"]], ads[c["ad_id"]] = world.features(
+                    request["user_id"], c["ad_id"]
+                )
+        x = layout.encode(chunk, users, ads)
         batches.append(
             (
-                torch.from_numpy(categorical),
-                torch.from_numpy(numeric),
-                torch.tensor(fmt).view(-1, 1),
+                torch.from_numpy(x.categorical),
+                torch.from_numpy(x.numeric),
+                torch.from_numpy(x.fmt).view(-1, 1),
             )
         )
     with torch.inference_mode():
@@ -243,6 +250,7 @@ def run(
     rate: float = 1000.0,
     seconds: float = 20.0,
     progress: Callable[[str], None] = print,
+    warmup_s: float = 3.0,
 ) -> dict[str, Any]:
     """The whole benchmark; writes scoring.json and latency.png under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -276,14 +284,16 @@ def run(
             f"  {saturation:.0f} requests/s, {saturation * candidates / requests:.0f} candidates/s"
         )
 
-        progress(f"fixed load: {rate:.0f} requests/s for {seconds:.0f}s")
+        progress(f"fixed load: {rate:.0f} requests/s for {warmup_s:.0f}s + {seconds:.0f}s")
+        warmup = [world.request(rng, 0) for _ in range(int(rate * warmup_s))]
         load = [world.request(rng, 0) for _ in range(int(rate * seconds))]
         # Produce from a thread so that scores are read (and timed) as they arrive.
         producer = threading.Thread(
-            target=_produce, args=(endpoints.kafka or "", topics.ad_requests.name, load, rate)
+            target=_produce,
+            args=(endpoints.kafka or "", topics.ad_requests.name, warmup + load, rate),
         )
         producer.start()
-        reader.read_until({r["request_id"] for r in load}, seconds + 300)
+        reader.read_until({r["request_id"] for r in warmup + load}, warmup_s + seconds + 300)
         producer.join()
         latencies = np.array(
             [
@@ -318,6 +328,7 @@ def run(
             "scorer_batch_stage_ms_at_saturation": stages,
             "fixed_load": {
                 "offered_requests_per_s": rate,
+                "warmup_s": warmup_s,
                 "seconds": seconds,
                 "p50_ms": p50,
                 "p99_ms": p99,

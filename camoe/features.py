@@ -96,16 +96,16 @@ def is_float32(value: Any) -> bool:
     return value is not None and math.isfinite(float(value)) and abs(float(value)) <= FLOAT32_MAX
 
 
-def _present(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
-
-
-def _bounded(value: Any, cardinality: int) -> int:
-    """Stores give ints 1..cardinality-1; anything else (None, NaN, out of range) is 0."""
-    if not _present(value):
-        return 0
-    value = int(value)
+def _bounded(value: int, cardinality: int) -> int:
+    """Indices run 1..cardinality-1; anything else is 0 ("unknown")."""
     return value if 0 < value < cardinality else 0
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def format_index(name: str) -> int:
@@ -121,16 +121,6 @@ AD_CATEGORICAL = STORED_CATEGORICAL[3:]
 CONTEXT_CATEGORICAL = ("content_type", "foreground", "device", "hour", "placement")
 USER_NUMERIC = ["activity", *(f"affinity_{i}" for i in range(AFFINITY_DIM))]
 AD_NUMERIC = ["quality", *(f"ad_affinity_{i}" for i in range(AFFINITY_DIM))]
-
-
-@dataclass(frozen=True)
-class Part:
-    """A user's or an ad's share of a row: its categorical indices, its numeric values
-    (profile values, then log1p of its counters) and whether no default stood in."""
-
-    categorical: list[int]
-    numeric: list[float]
-    complete: bool
 
 
 @dataclass(frozen=True)
@@ -196,39 +186,32 @@ class FeatureLayout:
             _index(PLACEMENTS, context["placement"]),
         ]
 
-    def _part(
+    def _parts(
         self,
-        values: dict[str, Any],
+        rows: list[dict[str, Any]],
         categorical: tuple[str, ...],
         numeric: list[str],
         counters: list[str],
-    ) -> Part:
-        stored = [values.get(n) for n in categorical]
-        complete = all(_present(v) for v in stored)
-        out: list[float] = []
-        for name in numeric:
-            value = values.get(name)
-            if is_float32(value):
-                out.append(float(value))
-            else:
-                complete = False
-                out.append(0.0)
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Users' or ads' shares of their rows: categorical indices (E, len(categorical)),
+        numeric values then log1p of counters (E, len(numeric) + len(counters)), and
+        whether no default stood in (E,)."""
+        names = [*categorical, *numeric, *counters]
+        raw = [[row.get(n) for n in names] for row in rows]
+        try:  # None becomes NaN
+            values = np.array(raw, dtype=np.float64).reshape(len(rows), len(names))
+        except (TypeError, ValueError):  # a stored value that is no number: missing
+            values = np.array([[_number(v) for v in r] for r in raw], dtype=np.float64)
+            values = values.reshape(len(rows), len(names))
+        usable = np.isfinite(values) & (np.abs(values) <= FLOAT32_MAX)
+        k, m = len(categorical), len(categorical) + len(numeric)
+        cards = np.asarray([self._cards[n] for n in categorical])
+        index = np.where(usable[:, :k], values[:, :k], 0).astype(np.int64)
+        index = np.where((index > 0) & (index < cards), index, 0)
+        out = np.where(usable[:, k:], values[:, k:], 0.0)
         # Missing counters mean "no events yet": 0 is the true value, not a default.
-        for name in counters:
-            value = values.get(name)
-            out.append(math.log1p(max(float(value), 0.0)) if is_float32(value) else 0.0)
-        cards = self._cards
-        return Part(
-            [_bounded(v, cards[n]) for v, n in zip(stored, categorical, strict=True)],
-            out,
-            complete,
-        )
-
-    def user_part(self, user: dict[str, Any]) -> Part:
-        return self._part(user, USER_CATEGORICAL, USER_NUMERIC, USER_COUNTERS)
-
-    def ad_part(self, ad: dict[str, Any]) -> Part:
-        return self._part(ad, AD_CATEGORICAL, AD_NUMERIC, AD_COUNTERS)
+        out[:, m - k :] = np.log1p(np.maximum(out[:, m - k :], 0.0))
+        return index, out.astype(np.float32), usable[:, :m].all(axis=1)
 
     def row(
         self,
@@ -237,25 +220,15 @@ class FeatureLayout:
         user: dict[str, Any],
         ad: dict[str, Any],
     ) -> tuple[list[int], list[float], bool]:
-        """One candidate's (categorical, numeric, complete) where ``complete`` is False when
-        a store value was missing or NaN and a default stood in for it."""
-        u, a = self.user_part(user), self.ad_part(ad)
-        categorical = [0] * self.n_categorical
-        numeric = [0.0] * self.n_numeric
-        categorical[self._format_col] = _index(FORMATS, candidate["format"])
-        for cols, values in (
-            (self._context_cols, self.context_part(context)),
-            (self._user_cat_cols, u.categorical),
-            (self._ad_cat_cols, a.categorical),
-        ):
-            for col, value in zip(cols, values, strict=True):
-                categorical[col] = value
-        for cols, floats in ((self._user_num_cols, u.numeric), (self._ad_num_cols, a.numeric)):
-            for col, number in zip(cols, floats, strict=True):
-                numeric[col] = number
-        bid_ok = is_float32(candidate["bid"])
-        numeric[self._bid_col] = float(candidate["bid"]) if bid_ok else 0.0
-        return categorical, numeric, u.complete and a.complete and bid_ok
+        """One candidate's (categorical, numeric, complete), ``complete`` False when a
+        store value was missing or NaN and a default stood in for it (``encode`` of one)."""
+        request = {"user_id": "", "context": context, "candidates": [candidate]}
+        encoded = self.encode([request], {"": user}, {candidate["ad_id"]: ad})
+        return (
+            encoded.categorical[0].tolist(),
+            encoded.numeric[0].tolist(),
+            bool(encoded.complete[0]),
+        )
 
     def encode(
         self,
@@ -277,22 +250,31 @@ class FeatureLayout:
                 r_idx.append(k)
                 fmt.append(_index(FORMATS, candidate["format"]))
                 bids.append(candidate["bid"])
-        u_parts = [self.user_part(users.get(u) or {}) for u in user_ids]
-        a_parts = [self.ad_part(ads.get(a) or {}) for a in ad_ids]
         rows = (np.asarray(u_idx, np.int64), np.asarray(a_idx, np.int64))
         n = len(r_idx)
         categorical = np.zeros((n, self.n_categorical), np.int64)
         numeric = np.zeros((n, self.n_numeric), np.float32)
         complete = np.ones(n, bool)
-        for index, parts, cat_cols, num_cols in (
-            (rows[0], u_parts, self._user_cat_cols, self._user_num_cols),
-            (rows[1], a_parts, self._ad_cat_cols, self._ad_num_cols),
+        for index, entities, names, cat_cols, num_cols in (
+            (
+                rows[0],
+                [users.get(u) or {} for u in user_ids],
+                (USER_CATEGORICAL, USER_NUMERIC, USER_COUNTERS),
+                self._user_cat_cols,
+                self._user_num_cols,
+            ),
+            (
+                rows[1],
+                [ads.get(a) or {} for a in ad_ids],
+                (AD_CATEGORICAL, AD_NUMERIC, AD_COUNTERS),
+                self._ad_cat_cols,
+                self._ad_num_cols,
+            ),
         ):
-            cats = np.asarray([p.categorical for p in parts], np.int64).reshape(-1, len(cat_cols))
-            nums = np.asarray([p.numeric for p in parts], np.float32).reshape(-1, len(num_cols))
+            cats, nums, whole = self._parts(entities, *names)
             categorical[:, cat_cols] = cats[index]
             numeric[:, num_cols] = nums[index]
-            complete &= np.asarray([p.complete for p in parts], bool)[index]
+            complete &= whole[index]
         request = np.asarray(r_idx, np.int64)
         contexts = np.asarray([self.context_part(r["context"]) for r in requests], np.int64)
         categorical[:, self._context_cols] = contexts.reshape(-1, len(self._context_cols))[request]
@@ -314,12 +296,3 @@ class FeatureLayout:
             ~known[0][rows[0]],
             ~known[1][rows[1]],
         )
-
-    def arrays(
-        self, rows: list[tuple[list[int], list[float], bool]]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        categorical = np.asarray([r[0] for r in rows], dtype=np.int64).reshape(
-            -1, self.n_categorical
-        )
-        numeric = np.asarray([r[1] for r in rows], dtype=np.float32).reshape(-1, self.n_numeric)
-        return categorical, numeric

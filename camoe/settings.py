@@ -121,7 +121,11 @@ class SimulatorSettings(Section):
 
 class ScoringSettings(Section):
     group_id: str = "camoe-scoring"
-    batch_size: int = 64
+    batch_size: int = Field(
+        default=256,
+        description="most requests per batch; a batch is what has arrived, so at low rates "
+        "batches stay small and only a backlog fills them",
+    )
     poll_timeout_s: float = 0.05
     guarantee: DeliveryGuarantee = "at-least-once"
     in_flight_batches: int = Field(

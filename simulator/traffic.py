@@ -229,23 +229,26 @@ class World:
         """Simulated served impressions in time order over ``hours`` (drift applies): one
         per request, a random candidate shown (so formats follow their shares)."""
         rng = np.random.default_rng(self.settings.seed * 1000 + seed)
-        categorical, numeric, fmt, label, true_p = [], [], [], [], []
+        shown, users, ads, label, true_p, encoded = [], {}, {}, [], [], []
         start = int(time.time() * 1000)
         for i in range(n_requests):
             request = self.request(rng, start + i)
             candidate = request["candidates"][int(rng.integers(len(request["candidates"])))]
-            user, ad = self.features(request["user_id"], candidate["ad_id"])
-            cat, num, _ = self.layout.row(request["context"], candidate, user, ad)
+            shown.append({**request, "candidates": [candidate]})
+            users[request["user_id"]], ads[candidate["ad_id"]] = self.features(
+                request["user_id"], candidate["ad_id"]
+            )
             p = self.true_ctr(request, candidate["ad_id"], hours * i / max(n_requests, 1))
-            categorical.append(cat)
-            numeric.append(num)
-            fmt.append(FORMATS.index(candidate["format"]))
             label.append(float(rng.random() < p))
             true_p.append(p)
+            if len(shown) == 10_000 or i == n_requests - 1:  # encoded in chunks
+                encoded.append(self.layout.encode(shown, users, ads))
+                shown = []
+        encoded = encoded or [self.layout.encode([], {}, {})]
         return {
-            "categorical": np.asarray(categorical, dtype=np.int64),
-            "numeric": np.asarray(numeric, dtype=np.float32),
-            "format": np.asarray(fmt, dtype=np.int64),
+            "categorical": np.concatenate([e.categorical for e in encoded]),
+            "numeric": np.concatenate([e.numeric for e in encoded]),
+            "format": np.concatenate([e.fmt for e in encoded]),
             "label": np.asarray(label, dtype=np.float32),
             "true_ctr": np.asarray(true_p, dtype=np.float32),
         }

@@ -125,10 +125,10 @@ def test_known_values_map_to_expected_indices(layout):
     }
     assert complete is True
     assert num["bid"] == 1.5
-    assert num["activity"] == 1.2
-    assert num["affinity_3"] == -0.4
-    assert num["quality"] == 0.8
-    assert num["ad_affinity_2"] == 0.7
+    assert num["activity"] == pytest.approx(1.2)
+    assert num["affinity_3"] == pytest.approx(-0.4)
+    assert num["quality"] == pytest.approx(0.8)
+    assert num["ad_affinity_2"] == pytest.approx(0.7)
 
 
 @pytest.mark.parametrize(
@@ -299,26 +299,6 @@ def test_missing_categorical_store_value_marks_incomplete(layout):
     assert complete is False
 
 
-def test_arrays_shapes_and_dtypes(layout):
-    rows = [
-        layout.row(context(), candidate(format=fmt), user(), ad())
-        for fmt in ("audio", "video", "display")
-    ]
-    categorical, numeric = layout.arrays(rows)
-    assert categorical.shape == (3, layout.n_categorical)
-    assert numeric.shape == (3, layout.n_numeric)
-    assert categorical.dtype == np.int64
-    assert numeric.dtype == np.float32
-    assert categorical[:, 0].tolist() == [1, 2, 3]
-    np.testing.assert_allclose(numeric[1], np.asarray(rows[1][1], dtype=np.float32))
-
-
-def test_arrays_of_no_rows_keep_their_width(layout):
-    categorical, numeric = layout.arrays([])
-    assert categorical.shape == (0, layout.n_categorical) and categorical.dtype == np.int64
-    assert numeric.shape == (0, layout.n_numeric) and numeric.dtype == np.float32
-
-
 @pytest.mark.parametrize(("fmt", "expected"), [("audio", 0), ("video", 1), ("display", 2)])
 def test_format_index(fmt, expected):
     assert format_index(fmt) == expected
@@ -331,9 +311,9 @@ def test_format_index_rejects_unknown_formats(bad):
         format_index(bad)
 
 
-def test_encode_equals_row_for_every_candidate(layout):
-    """The scorer's batch encoding gives, row for row, what ``row`` gives one candidate:
-    shared users and ads, unknown ones, missing and NaN values, a bid that is not a number."""
+def test_a_batch_encodes_each_candidate_as_it_would_alone(layout):
+    """The scorer's batches (users and ads shared between requests, unknown ones, missing
+    and NaN values, a bid that is not a number) give each candidate the row it gets alone."""
     users = {
         "u1": user(),
         "u2": user(activity=float("nan"), user_clicks=None),
@@ -384,3 +364,12 @@ def test_encode_of_no_requests_keeps_the_width(layout):
     encoded = layout.encode([], {}, {})
     assert encoded.categorical.shape == (0, layout.n_categorical)
     assert encoded.numeric.shape == (0, layout.n_numeric)
+
+
+def test_stored_values_that_are_no_numbers_are_defaults_and_mark_incomplete(layout):
+    cat, num, complete = named(
+        layout, layout.row(context(), candidate(), user(activity="high", country=math.inf), ad())
+    )
+    assert complete is False
+    assert num["activity"] == 0.0 and cat["country"] == 0
+    assert cat["age_bucket"] == 3  # the rest of the row is read as usual
