@@ -2,7 +2,8 @@
 Triton, next to three floors measured in the same run.
 
 * saturation: ``requests`` requests are produced first, then a fresh scoring process
-  drains them; requests/s and candidates/s from its first to its last score.
+  drains them; requests/s and candidates/s from its first to its last score (the
+  records' produce timestamps, read back without decoding).
 * fixed load: ``rate`` requests/s for ``warmup_s`` then ``seconds`` (4 candidates each,
   as the simulator makes them) into the running scorer; latency is request event time
   to the scores record read back, p50 / p99 over the ``seconds`` after the warm-up, with
@@ -19,12 +20,13 @@ Every figure is reported with its ratio to the pipeline.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import multiprocessing
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -73,7 +75,8 @@ def _produce(
     rate: float | None = None,
     stamp: bool = True,
 ) -> None:
-    """Produces requests, at ``rate`` per second when given; event_time = produce time."""
+    """Produces requests, at ``rate`` per second when given; event_time = produce time.
+    At a rate, records go out after at most 1 ms (an ad server's latency setting)."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     # Connected, with the topic's partitions known, before the first stamp: otherwise the
     # first records wait for that and their latency is the load generator's start-up.
@@ -92,7 +95,13 @@ def _produce(
 
 
 class ScoreReader:
-    """Reads ad-scores back; keeps (receive time, event time) per request."""
+    """Reads ad-scores back as they arrive.
+
+    ``received``: request id -> (receive time, event time), from decoded records.
+    ``produced``: request id -> when the scorer produced its scores (the record's
+    timestamp), read without decoding, so that reading takes little CPU from a saturated
+    scorer on the same cores. ``stages``: the scorer's timings, from the decoded records.
+    """
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self._consumer = Consumer(
@@ -104,20 +113,30 @@ class ScoreReader:
         )
         self._consumer.subscribe([topic])
         self.received: dict[str, tuple[float, int]] = {}
+        self.produced: dict[str, int] = {}
         self.stages: list[dict[str, float]] = []  # the scorer's own per-batch timings
 
-    def read_until(self, expected: set[str], timeout_s: float) -> None:
+    def read_until(self, expected: set[str], timeout_s: float, decode_every: int = 1) -> None:
+        """Reads until every id of ``expected`` has its scores; decodes one record in
+        ``decode_every``."""
         deadline = time.monotonic() + timeout_s
-        while not expected <= set(self.received) and time.monotonic() < deadline:
+        left = set(expected) - set(self.produced)
+        seen = 0
+        while left and time.monotonic() < deadline:
             for message in consume_batch(self._consumer, 1000, 0.1):
-                if message.error() is None:
+                if message.error() is not None:
+                    continue
+                request_id = message.key().decode()
+                self.produced.setdefault(request_id, message.timestamp()[1])
+                left.discard(request_id)
+                seen += 1
+                if seen % decode_every == 0:
                     now = time.time() * 1000
                     value = SCORES.decode(message.value())
-                    self.received.setdefault(value["request_id"], (now, value["event_time"]))
+                    self.received.setdefault(request_id, (now, value["event_time"]))
                     self.stages.append(value["timings_ms"])
-        missing = expected - set(self.received)
-        if missing:
-            raise RuntimeError(f"{len(missing)} requests were not scored within {timeout_s}s")
+        if left:
+            raise RuntimeError(f"{len(left)} requests were not scored within {timeout_s}s")
 
     def close(self) -> None:
         self._consumer.close()
@@ -250,7 +269,7 @@ def run(
     rate: float = 1000.0,
     seconds: float = 20.0,
     progress: Callable[[str], None] = print,
-    warmup_s: float = 3.0,
+    warmup_s: float = 5.0,
 ) -> dict[str, Any]:
     """The whole benchmark; writes scoring.json and latency.png under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -274,11 +293,11 @@ def run(
         progress(f"saturation: a fresh scorer drains {requests} requests")
         config = write_settings(s, out / "state" / "settings.yaml")
         scorer = _start_scorer(config, out / "state" / "score.log")
-        reader.read_until({r["request_id"] for r in backlog}, 600)
+        reader.read_until({r["request_id"] for r in backlog}, 600, decode_every=50)
         # Each request of a batch carries that batch's timings: weight by request.
         stages = {k: float(np.mean([t[k] for t in reader.stages])) for k in reader.stages[0]}
-        times = sorted(t for t, _ in reader.received.values())
-        saturation = requests / ((times[-1] - times[0]) / 1000)
+        times = [reader.produced[r["request_id"]] for r in backlog]
+        saturation = requests / ((max(times) - min(times)) / 1000)
         candidates = sum(len(r["candidates"]) for r in backlog)
         progress(
             f"  {saturation:.0f} requests/s, {saturation * candidates / requests:.0f} candidates/s"
@@ -287,14 +306,22 @@ def run(
         progress(f"fixed load: {rate:.0f} requests/s for {warmup_s:.0f}s + {seconds:.0f}s")
         warmup = [world.request(rng, 0) for _ in range(int(rate * warmup_s))]
         load = [world.request(rng, 0) for _ in range(int(rate * seconds))]
-        # Produce from a thread so that scores are read (and timed) as they arrive.
-        producer = threading.Thread(
+        # A full garbage collection of this process's heap (Feast, the backlog) takes
+        # hundreds of ms: it would stall the reader's clock, not the scorer.
+        gc.collect()
+        gc.freeze()
+        # The load comes from a process of its own, as from an ad server: produced from a
+        # thread here, it would share this process's interpreter with the reader timing
+        # the scores.
+        producer = multiprocessing.get_context("spawn").Process(
             target=_produce,
             args=(endpoints.kafka or "", topics.ad_requests.name, warmup + load, rate),
         )
         producer.start()
         reader.read_until({r["request_id"] for r in warmup + load}, warmup_s + seconds + 300)
         producer.join()
+        if producer.exitcode:
+            raise RuntimeError(f"the load generator failed (exit code {producer.exitcode})")
         latencies = np.array(
             [
                 reader.received[r["request_id"]][0] - reader.received[r["request_id"]][1]

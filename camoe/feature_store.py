@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import random
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -100,7 +101,7 @@ class OnlineFeatures:
       view); on SQLite, Feast's provider reads each view;
     * stored values are converted with Feast's own function, once per distinct byte string
       (a few hundred distinct values recur across thousands of rows);
-    * rows are kept for the seconds ``cache_s`` gives their view
+    * rows are kept for up to the seconds ``cache_s`` gives their view
       (``scoring.feature_cache_s``): profiles change only when materialised (30 s);
       counters change with every push of the labeler, so they are kept for a second (at
       hundreds of requests/s most users and ads recur within it, and the labeler's
@@ -135,6 +136,7 @@ class OnlineFeatures:
         self._cache_s = cache_s or {}
         self._cache: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
         self._values: dict[bytes, Any] = {}  # stored bytes -> Python value
+        self._jitter = random.Random(0)
         self._redis = store.config.online_store.type == "redis"
         self._redis_keys: dict[tuple[str, str], bytes] = {}
 
@@ -166,7 +168,11 @@ class OnlineFeatures:
             for (view, entity), row in fetch(key, missing).items():
                 ttl = self._cache_s.get(view.name, 0.0)
                 if ttl > 0:
-                    self._cache[(view.name, entity)] = (now + ttl, row)
+                    # Kept for between half and all of the view's seconds: entities read
+                    # together (all of them, at start) must not all expire together, or
+                    # one batch re-reads thousands of them every ``ttl``.
+                    keep = ttl * (0.5 + 0.5 * self._jitter.random())
+                    self._cache[(view.name, entity)] = (now + keep, row)
                 if row is not None:
                     merged.setdefault(entity, {}).update(row)
         # One the store has never seen has no profile: it is unknown, counters or not.

@@ -122,7 +122,7 @@ class SimulatorSettings(Section):
 class ScoringSettings(Section):
     group_id: str = "camoe-scoring"
     batch_size: int = Field(
-        default=256,
+        default=512,
         description="most requests per batch; a batch is what has arrived, so at low rates "
         "batches stay small and only a backlog fills them",
     )
@@ -134,6 +134,11 @@ class ScoringSettings(Section):
         "acknowledgement (offsets not yet committed) while the next is scored",
     )
     max_candidates: int = 64
+    triton_chunk_requests: int = Field(
+        default=64,
+        description="requests per Triton call: a batch's calls go out together, and the "
+        "outputs of one are built while Triton scores the next",
+    )
     triton_retries: int = 3
     triton_backoff_s: float = Field(default=0.05, description="doubles after each retry")
     triton_policy: Literal["hold", "fallback"] = Field(

@@ -1,10 +1,14 @@
 """The scoring consumer: ad-requests -> features (Feast) -> pCTR (Triton) -> ad-scores and
 the feature log.
 
-Per batch of requests: validate each request, read user and ad features for every
-(user, candidate) pair in one online-store call, score all candidates in one Triton
-request, rank each request's candidates by bid x pCTR, and produce its ad-scores record
-and the feature-log row of the winner (the features the model saw, for training).
+Per batch of requests (what has arrived, up to ``scoring.batch_size``): validate each
+request; read the features of its distinct users and ads from the online store
+(camoe/feature_store.py) and build every candidate's model inputs with numpy
+(camoe/features.py); send the candidates to Triton in chunks of
+``scoring.triton_chunk_requests`` requests, all calls in flight at once, and while Triton
+scores one chunk build the previous one's outputs; rank each request's candidates by
+bid x pCTR; produce its ad-scores record and the feature-log row of the winner (the
+features the model saw, for training).
 
 Delivery guarantee: the StreamApp's (at-least-once by default: a request re-read after a
 crash is scored again, and both records carry its request id as key).
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -94,6 +99,7 @@ class Scorer:
         request that cannot be scored goes to the dead-letter topic (no poison pill)."""
         if len(requests) == 1:
             result.dead_letters.append((requests[0], f"model rejected the request: {reason}"))
+            self.metrics.dead_letters.inc()
             return result
         for record in requests:
             alone = self([record])
@@ -131,6 +137,7 @@ class Scorer:
                 result.dead_letters.append((record, str(error)))
                 continue
             requests.append(record)
+        self.metrics.dead_letters.inc(len(result.dead_letters))
         if not requests:
             return result
         values = [r.value for r in requests]
@@ -139,25 +146,68 @@ class Scorer:
         )
         encoded = self.layout.encode(values, users, ads)
         features_done = time.perf_counter()
-        categorical, numeric, fmt = encoded.categorical, encoded.numeric, encoded.fmt
-        try:
-            pctr, version = self._infer(categorical, numeric, fmt)
-        except ModelRejected as error:
-            return self._isolate(requests, str(error), result)
-        done = time.perf_counter()
-        timings = {
-            "features": (features_done - started) * 1000,
-            "inference": (done - features_done) * 1000,
-            "total": (done - started) * 1000,
-        }
         flags = self._flags(encoded, len(requests))
-        starts = np.searchsorted(encoded.request, np.arange(len(requests)))
-        for k, record in enumerate(requests):
+        starts = np.searchsorted(encoded.request, np.arange(len(requests) + 1))
+        # Every chunk's call goes out at once; while Triton scores one, the previous one's
+        # outputs are built.
+        size = self.settings.scoring.triton_chunk_requests
+        chunks = [(k, min(k + size, len(requests))) for k in range(0, len(requests), size)]
+        x = (encoded.categorical, encoded.numeric, encoded.fmt)
+        calls = [self._submit(*(a[starts[i] : starts[j]] for a in x)) for i, j in chunks]
+        observed = []
+        for (i, j), call in zip(chunks, calls, strict=True):
+            rows = slice(starts[i], starts[j])
+            try:
+                pctr, version = self._result(call, *(a[rows] for a in x))
+            except ModelRejected as error:
+                return self._isolate(
+                    requests, str(error), BatchResult(dead_letters=result.dead_letters)
+                )
+            done = time.perf_counter()
+            timings = {
+                "features": (features_done - started) * 1000,
+                "inference": (done - features_done) * 1000,
+                "total": (done - started) * 1000,
+            }
             result.outputs += self._outputs(
-                record.value, int(starts[k]), pctr, categorical, numeric, flags[k], version, timings
+                requests[i:j],
+                starts[i:j] - starts[i],
+                pctr,
+                encoded.categorical[rows],
+                encoded.numeric[rows],
+                flags[i:j],
+                version,
+                timings,
             )
-        self._observe(requests, len(fmt), timings, version, len(result.dead_letters))
+            observed.append((requests[i:j], int(starts[j] - starts[i]), timings, version))
+        for chunk in observed:  # once the whole batch is scored (a rejection re-scores it)
+            self._observe(*chunk)
         return result
+
+    def _submit(
+        self, categorical: np.ndarray, numeric: np.ndarray, fmt: np.ndarray
+    ) -> Future[tuple[np.ndarray, str]] | None:
+        try:
+            return self.triton.infer_async(categorical, numeric, fmt)
+        except InferenceServerException:  # not even sent: ``_result`` retries it
+            return None
+
+    def _result(
+        self,
+        call: Future[tuple[np.ndarray, str]] | None,
+        categorical: np.ndarray,
+        numeric: np.ndarray,
+        fmt: np.ndarray,
+    ) -> tuple[np.ndarray, str]:
+        """A call's pCTR and version; on a transient failure, ``_infer`` (retries, then the
+        policy) for the same rows."""
+        if call is not None:
+            try:
+                return call.result(self.triton.timeout_s + 5)
+            except InferenceServerException as failure:
+                if not any(code in str(failure.status()) for code in TRANSIENT):
+                    raise ModelRejected(str(failure)) from None
+        return self._infer(categorical, numeric, fmt)
 
     @staticmethod
     def _flags(encoded: Encoded, requests: int) -> list[list[str]]:
@@ -175,17 +225,11 @@ class Scorer:
         return [sorted(flags) for flags in per_request]
 
     def _observe(
-        self,
-        requests: list[Record],
-        candidates: int,
-        timings: dict[str, float],
-        version: str,
-        rejected: int,
+        self, requests: list[Record], candidates: int, timings: dict[str, float], version: str
     ) -> None:
         m = self.metrics
         m.requests.inc(len(requests))
         m.candidates.inc(candidates)
-        m.dead_letters.inc(rejected)
         m.batch_size.observe(len(requests))
         for stage, ms in timings.items():
             m.stage_ms.labels(stage).observe(ms)
@@ -200,59 +244,73 @@ class Scorer:
 
     def _outputs(
         self,
-        request: dict[str, Any],
-        first: int,
+        requests: list[Record],
+        starts: np.ndarray,
         pctr: np.ndarray,
         categorical: np.ndarray,
         numeric: np.ndarray,
-        flags: list[str],
+        flags: list[list[str]],
         version: str,
         timings: dict[str, float],
     ) -> list[Output]:
-        candidates = request["candidates"]
-        scores = [
-            {
-                "ad_id": c["ad_id"],
-                "format": c["format"],
-                "bid": c["bid"],
-                "pctr": float(pctr[first + i]),
-            }
-            for i, c in enumerate(candidates)
-        ]
-        best = max(range(len(scores)), key=lambda i: scores[i]["bid"] * scores[i]["pctr"])
-        if version == FALLBACK_VERSION:
-            flags = [*flags, "fallback"]
-        winner = candidates[best]
-        key = request["request_id"]
-        return [
-            Output(
-                self.scores_topic,
-                key,
-                {
-                    "request_id": key,
-                    "user_id": request["user_id"],
-                    "event_time": request["event_time"],
-                    "model_version": version,
-                    "scores": scores,
-                    "winner_ad_id": winner["ad_id"],
-                    "flags": flags,
-                    "timings_ms": timings,
-                },
-            ),
-            Output(
-                self.feature_log_topic,
-                key,
-                {
-                    "request_id": key,
-                    "user_id": request["user_id"],
-                    "ad_id": winner["ad_id"],
-                    "format": winner["format"],
-                    "event_time": request["event_time"],
-                    "model_version": version,
-                    "pctr": scores[best]["pctr"],
-                    "feature_service": self.settings.feast.feature_service,
-                    "categorical": categorical[first + best].tolist(),
-                    "numeric": numeric[first + best].tolist(),
-                },
-            ),
-        ]
+        """Each request's ad-scores record and its winner's feature-log row; ``starts[k]``
+        is request k's first row in the arrays."""
+        p = pctr.tolist()
+        chosen, winners = [], []
+        for k, record in enumerate(requests):
+            candidates, first = record.value["candidates"], int(starts[k])
+            best = max(range(len(candidates)), key=lambda i: candidates[i]["bid"] * p[first + i])
+            chosen.append(first + best)
+            winners.append(candidates[best])
+        # The winners' feature rows, converted in one call rather than one per request.
+        logged = zip(categorical[chosen].tolist(), numeric[chosen].tolist(), strict=True)
+        service = self.settings.feast.feature_service
+        outputs = []
+        for k, (record, winner, (cat, num)) in enumerate(
+            zip(requests, winners, logged, strict=True)
+        ):
+            request, first = record.value, int(starts[k])
+            key = request["request_id"]
+            outputs += [
+                Output(
+                    self.scores_topic,
+                    key,
+                    {
+                        "request_id": key,
+                        "user_id": request["user_id"],
+                        "event_time": request["event_time"],
+                        "model_version": version,
+                        "scores": [
+                            {
+                                "ad_id": c["ad_id"],
+                                "format": c["format"],
+                                "bid": c["bid"],
+                                "pctr": p[first + i],
+                            }
+                            for i, c in enumerate(request["candidates"])
+                        ],
+                        "winner_ad_id": winner["ad_id"],
+                        "flags": [*flags[k], "fallback"]
+                        if version == FALLBACK_VERSION
+                        else flags[k],
+                        "timings_ms": timings,
+                    },
+                ),
+                Output(
+                    self.feature_log_topic,
+                    key,
+                    {
+                        "request_id": key,
+                        "user_id": request["user_id"],
+                        "ad_id": winner["ad_id"],
+                        "format": winner["format"],
+                        "event_time": request["event_time"],
+                        "model_version": version,
+                        "pctr": p[chosen[k]],
+                        "feature_service": service,
+                        "categorical": cat,
+                        "numeric": num,
+                    },
+                ),
+            ]
+        return outputs

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import sysconfig
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -127,22 +129,43 @@ class TritonClient:
         version: int | None = None,
     ) -> tuple[np.ndarray, str]:
         """pCTR (B,) float32 for a batch, and the version that produced it."""
+        return self.infer_async(categorical, numeric, fmt, version).result(self.timeout_s + 5)
+
+    def infer_async(
+        self,
+        categorical: np.ndarray,
+        numeric: np.ndarray,
+        fmt: np.ndarray,
+        version: int | None = None,
+    ) -> Future[tuple[np.ndarray, str]]:
+        """``infer`` without waiting: several batches can be in flight (the future raises
+        Triton's InferenceServerException)."""
         inputs = [
             grpcclient.InferInput("categorical", list(categorical.shape), "INT64"),
             grpcclient.InferInput("numeric", list(numeric.shape), "FP32"),
             grpcclient.InferInput("format", [len(fmt), 1], "INT64"),
         ]
-        inputs[0].set_data_from_numpy(categorical)
-        inputs[1].set_data_from_numpy(numeric)
+        inputs[0].set_data_from_numpy(np.ascontiguousarray(categorical))
+        inputs[1].set_data_from_numpy(np.ascontiguousarray(numeric))
         inputs[2].set_data_from_numpy(fmt.reshape(-1, 1).astype(np.int64))
-        result = self._client.infer(
+        future: Future[tuple[np.ndarray, str]] = Future()
+
+        def done(result: Any, error: InferenceServerException | None) -> None:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                pctr = result.as_numpy("pctr").reshape(-1)
+                future.set_result((pctr, result.get_response().model_version))
+
+        self._client.async_infer(
             self.model,
             inputs,
+            done,
             model_version=str(version or ""),
             outputs=[grpcclient.InferRequestedOutput("pctr")],
             client_timeout=self.timeout_s,
         )
-        return result.as_numpy("pctr").reshape(-1), result.get_response().model_version
+        return future
 
     def close(self) -> None:
         self._client.close()

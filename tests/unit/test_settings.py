@@ -34,7 +34,7 @@ def test_service_variables_are_the_three_known_ones():
 
 def test_defaults():
     s = Settings()
-    assert s.scoring.batch_size == 64
+    assert s.scoring.batch_size == 512
     assert s.scoring.guarantee == "at-least-once"
     assert s.kafka.bootstrap_servers is None
     assert s.triton.url is None
@@ -133,12 +133,12 @@ def test_camoe_yaml_in_working_directory_is_the_default(tmp_path):
 
 
 def test_no_config_file_anywhere_means_defaults():
-    assert Settings().scoring.batch_size == 64
+    assert Settings().scoring.batch_size == 512
 
 
 def test_empty_yaml_means_defaults(monkeypatch, tmp_path):
     monkeypatch.setenv("CAMOE_CONFIG", str(write_config(tmp_path, "")))
-    assert Settings().scoring.batch_size == 64
+    assert Settings().scoring.batch_size == 512
 
 
 def test_camoe_config_naming_a_missing_file_raises(monkeypatch, tmp_path):
