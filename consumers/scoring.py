@@ -207,6 +207,8 @@ class Scorer:
             except InferenceServerException as failure:
                 if not any(code in str(failure.status()) for code in TRANSIENT):
                     raise ModelRejected(str(failure)) from None
+            except TimeoutError:  # no answer, not even the client's own deadline
+                pass
         return self._infer(categorical, numeric, fmt)
 
     @staticmethod

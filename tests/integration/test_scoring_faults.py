@@ -253,14 +253,14 @@ def test_killed_workers_partitions_move_to_the_other(world, tmp_path):
         try:
             _wait_members(endpoints.kafka, s.scoring.group_id, 2, workers, log_path)
             producer = Producer({"bootstrap.servers": endpoints.kafka, "linger.ms": 20})
-            sent = set(
-                _send(
-                    producer, s.kafka.topics.ad_requests.name, sim, np.random.default_rng(9), 8_000
-                )
-            )
-            time.sleep(2)
+            rng, topic = np.random.default_rng(9), s.kafka.topics.ad_requests.name
+            first = set(_send(producer, topic, sim, rng, 4_000))
+            _all_scores(endpoints.kafka, s.kafka.topics.ad_scores.name, first, 180)
             workers[1].send_signal(signal.SIGKILL)
             workers[1].wait()
+            # Sent after the kill: those on the dead worker's partitions are scored only
+            # once its partitions have moved to the survivor.
+            sent = first | set(_send(producer, topic, sim, rng, 4_000))
             scores = _all_scores(endpoints.kafka, s.kafka.topics.ad_scores.name, sent, 180)
             members = group_members(endpoints.kafka, s.scoring.group_id)
         finally:
