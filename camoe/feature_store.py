@@ -139,6 +139,7 @@ class OnlineFeatures:
         self._jitter = random.Random(0)
         self._redis = store.config.online_store.type == "redis"
         self._redis_keys: dict[tuple[str, str], bytes] = {}
+        self._redis_plans: dict[str, tuple[list[Any], list[Any]]] = {}  # per join key
 
     def read(
         self, user_ids: Iterable[str], ad_ids: Iterable[str]
@@ -194,7 +195,7 @@ class OnlineFeatures:
     def _row(
         self, view: Any, names: list[str], stamp: datetime | None, values: dict | None
     ) -> dict[str, Any] | None:
-        oldest = datetime.now(UTC) - view.ttl if view.ttl else None
+        oldest = _oldest(view)
         if values is None or (
             oldest is not None and stamp is not None and stamp.replace(tzinfo=UTC) < oldest
         ):
@@ -208,12 +209,15 @@ class OnlineFeatures:
 
         online = self._store.provider.online_store
         config = self._store.config
-        plan = []  # (view, feature names, its slice of the reply)
-        fields: list[Any] = []
-        for view, names in self._views[key]:
-            requested, hset = online._generate_hset_keys_for_features(view, list(names))
-            plan.append((view, requested[:-1], slice(len(fields), len(fields) + len(hset))))
-            fields += hset  # the view's features, then its "_ts:<view>" field
+        if key not in self._redis_plans:
+            plan = []  # (view, feature names, its slice of the reply)
+            fields: list[Any] = []
+            for view, names in self._views[key]:
+                requested, hset = online._generate_hset_keys_for_features(view, list(names))
+                plan.append((view, requested[:-1], slice(len(fields), len(fields) + len(hset))))
+                fields += hset  # the view's features, then its "_ts:<view>" field
+            self._redis_plans[key] = (plan, fields)
+        plan, fields = self._redis_plans[key]
         unknown = [e for e in ids if (key, e) not in self._redis_keys]
         if unknown:
             entity_keys = [
@@ -225,6 +229,7 @@ class OnlineFeatures:
         replies = online._read_hash_fields(
             config, [(self._redis_keys[(key, e)], fields) for e in ids]
         )
+        oldest = {view.name: _oldest(view) for view, _, _ in plan}
         rows: dict[tuple[Any, str], dict | None] = {}
         for entity, reply in zip(ids, replies, strict=True):
             for view, names, part in plan:
@@ -234,10 +239,10 @@ class OnlineFeatures:
                     continue
                 ts = Timestamp.FromString(stamp)
                 when = datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=UTC)
-                oldest = datetime.now(UTC) - view.ttl if view.ttl else None
+                limit = oldest[view.name]
                 rows[(view, entity)] = (
                     None
-                    if oldest is not None and when < oldest
+                    if limit is not None and when < limit
                     else {n: self._python(v) for n, v in zip(names, values, strict=True)}
                 )
         return rows
@@ -251,6 +256,11 @@ class OnlineFeatures:
             if len(self._values) < 100_000:  # distinct stored values; counters keep growing
                 self._values[stored] = value
         return value
+
+
+def _oldest(view: Any) -> datetime | None:
+    """The oldest timestamp a row of ``view`` may have to count (Feast's TTL)."""
+    return datetime.now(UTC) - view.ttl if view.ttl else None
 
 
 def counter_pusher(store: Any) -> Any:

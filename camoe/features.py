@@ -142,9 +142,9 @@ class FeatureLayout:
     """Turns request context + user and ad feature dicts into model arrays.
 
     A row is assembled from parts: the candidate's format and bid, the request's context,
-    the user's part and the ad's part. ``row`` does one candidate (the simulator's
-    history); ``encode`` a whole batch, each distinct user and ad encoded once and the
-    parts gathered with numpy (the scorer, where per-candidate Python was its largest cost).
+    the user's part and the ad's part. ``encode`` does a whole batch, each distinct user
+    and ad encoded once and the parts gathered with numpy (per-candidate Python was the
+    scorer's largest cost); ``row`` is ``encode`` of one candidate.
 
     Args:
         n_campaigns: campaign vocabulary size (campaign_index is 1..n_campaigns).

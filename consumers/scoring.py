@@ -42,6 +42,10 @@ FALLBACK_VERSION = "fallback"  # the model_version of scores from the prior CTRs
 TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED")
 
 
+def _transient(failure: InferenceServerException) -> bool:
+    return any(code in str(failure.status()) for code in TRANSIENT)
+
+
 class ModelRejected(Exception):
     """Triton answered, and refused the inputs."""
 
@@ -83,7 +87,7 @@ class Scorer:
             try:
                 return self.triton.infer(categorical, numeric, fmt)
             except InferenceServerException as failure:
-                if not any(code in str(failure.status()) for code in TRANSIENT):
+                if not _transient(failure):
                     raise ModelRejected(str(failure)) from None  # retrying cannot help
                 error = failure
                 time.sleep(s.triton_backoff_s * 2**attempt)
@@ -152,13 +156,18 @@ class Scorer:
         # outputs are built.
         size = self.settings.scoring.triton_chunk_requests
         chunks = [(k, min(k + size, len(requests))) for k in range(0, len(requests), size)]
-        x = (encoded.categorical, encoded.numeric, encoded.fmt)
-        calls = [self._submit(*(a[starts[i] : starts[j]] for a in x)) for i, j in chunks]
+        inputs = [
+            tuple(
+                a[starts[i] : starts[j]]
+                for a in (encoded.categorical, encoded.numeric, encoded.fmt)
+            )
+            for i, j in chunks
+        ]
+        calls = [self._submit(*chunk) for chunk in inputs]
         observed = []
-        for (i, j), call in zip(chunks, calls, strict=True):
-            rows = slice(starts[i], starts[j])
+        for (i, j), chunk, call in zip(chunks, inputs, calls, strict=True):
             try:
-                pctr, version = self._result(call, *(a[rows] for a in x))
+                pctr, version = self._result(call, *chunk)
             except ModelRejected as error:
                 return self._isolate(
                     requests, str(error), BatchResult(dead_letters=result.dead_letters)
@@ -173,8 +182,8 @@ class Scorer:
                 requests[i:j],
                 starts[i:j] - starts[i],
                 pctr,
-                encoded.categorical[rows],
-                encoded.numeric[rows],
+                chunk[0],
+                chunk[1],
                 flags[i:j],
                 version,
                 timings,
@@ -205,7 +214,7 @@ class Scorer:
             try:
                 return call.result(self.triton.timeout_s + 5)
             except InferenceServerException as failure:
-                if not any(code in str(failure.status()) for code in TRANSIENT):
+                if not _transient(failure):
                     raise ModelRejected(str(failure)) from None
             except TimeoutError:  # no answer, not even the client's own deadline
                 pass

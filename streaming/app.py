@@ -336,7 +336,6 @@ class StreamApp:
             self._producer.poll(0)
             while len(self._in_flight) > self.in_flight_batches:
                 self._producer.poll(0.005)
-                self._check_deliveries()
                 self._commit_acknowledged(wait=False)
             self._commit_acknowledged(wait=False)
         self.counters["batches"] += 1
