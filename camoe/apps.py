@@ -66,6 +66,7 @@ def _app(
     batch_size: int,
     guarantee: str = "at-least-once",
     in_flight_batches: int = 4,
+    commit_interval_s: float = 0.0,
 ) -> StreamApp:
     endpoints = endpoints_for(settings, "kafka")
     return StreamApp(
@@ -78,6 +79,7 @@ def _app(
         guarantee=guarantee,
         batch_size=batch_size,
         in_flight_batches=in_flight_batches,
+        commit_interval_s=commit_interval_s,
         instance_id=f"{name}-{settings.worker_id}",
     )
 
@@ -90,8 +92,13 @@ def run_scoring(settings: Settings, stop: Event) -> None:
         settings.feast.feature_service,
         cache_s=settings.scoring.feature_cache_s,
     )
-    triton = TritonClient(endpoints.triton, settings.triton.model_name, settings.triton.timeout_s)
     s = settings.scoring
+    triton = TritonClient(
+        endpoints.triton,
+        settings.triton.model_name,
+        settings.triton.timeout_s,
+        max_in_flight=-(-s.batch_size // s.triton_chunk_requests),  # a whole batch's chunks
+    )
     app = _app(
         settings,
         "scoring",
@@ -101,6 +108,7 @@ def run_scoring(settings: Settings, stop: Event) -> None:
         s.batch_size,
         s.guarantee,
         s.in_flight_batches,
+        s.commit_interval_s,
     )
     scorer = Scorer(settings, features, triton)
     if s.metrics_port is not None:

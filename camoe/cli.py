@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         "--rate", type=float, default=1000.0, help="scoring: offered load, requests/s"
     )
     bench.add_argument(
+        "--warmup",
+        type=float,
+        default=30.0,
+        help="scoring: seconds of offered load before the measured ones",
+    )
+    bench.add_argument(
         "--seconds",
         type=float,
         default=None,
@@ -155,6 +161,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             args.rate,
             args.seconds if args.seconds is not None else 20.0,
             progress=lambda line: print(line, flush=True),
+            warmup_s=args.warmup,
         )
         return 0
     if args.command == "bench" and args.name == "freshness":

@@ -133,6 +133,11 @@ class ScoringSettings(Section):
         description="at-least-once: batches whose outputs may await the broker's "
         "acknowledgement (offsets not yet committed) while the next is scored",
     )
+    commit_interval_s: float = Field(
+        default=0.1,
+        description="at-least-once: least seconds between two offset commits (sooner when "
+        "more than in_flight_batches batches are uncommitted)",
+    )
     max_candidates: int = 64
     triton_chunk_requests: int = Field(
         default=64,

@@ -12,7 +12,13 @@ def test_scoring_benchmark_writes_its_results(services, tmp_path):
     settings, _ = services
     lines: list[str] = []
     result = scoring.run(
-        settings, tmp_path, requests=1500, rate=100.0, seconds=3.0, progress=lines.append
+        settings,
+        tmp_path,
+        requests=1500,
+        rate=100.0,
+        seconds=3.0,
+        progress=lines.append,
+        warmup_s=2.0,
     )
 
     saved = json.loads((tmp_path / "scoring.json").read_text())
