@@ -6,6 +6,7 @@ import time
 import uuid
 from threading import Event
 
+import pytest
 from confluent_kafka import Consumer, Producer
 
 from camoe.settings import TopicSpec
@@ -35,7 +36,10 @@ def read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 20.0)
     return values
 
 
-def test_passthrough_app_delivers_everything_and_dead_letters_garbage(services):
+# 3600 s: no commit is due by time, so offsets are committed only when more than
+# in_flight_batches wait, and when the app stops.
+@pytest.mark.parametrize("commit_interval_s", [0.0, 3600.0])
+def test_passthrough_app_delivers_everything_and_dead_letters_garbage(services, commit_interval_s):
     _, endpoints = services
     suffix = uuid.uuid4().hex[:8]
     source, sink, dlq = f"in-{suffix}", f"out-{suffix}", f"dlq-{suffix}"
@@ -60,8 +64,10 @@ def test_passthrough_app_delivers_everything_and_dead_letters_garbage(services):
             {source: CLICKS},
             {sink: CLICKS},
             dlq,
-            batch_size=500,
+            batch_size=100,
             poll_timeout_s=0.2,
+            in_flight_batches=2,
+            commit_interval_s=commit_interval_s,
         )
 
     app = member()
