@@ -155,6 +155,12 @@ def _start_scorer(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
         )
 
 
+def _stop_scorer(scorer: subprocess.Popen[bytes]) -> None:
+    """SIGTERM: the scorer drains and commits what it has scored, then exits."""
+    scorer.terminate()
+    scorer.wait(60)
+
+
 def passthrough_floor(bootstrap: str, source: str, sink: str, n: int) -> float:
     """Requests/s of a raw consume-decode-encode-produce loop over the same records."""
     consumer = Consumer(
@@ -325,8 +331,7 @@ def run(
         progress(f"  p50 {p50:.1f} ms, p99 {p99:.1f} ms")
 
         progress(f"saturation: a fresh scorer drains {requests} requests")
-        scorer.terminate()  # stops cleanly: everything scored so far is committed
-        scorer.wait(60)
+        _stop_scorer(scorer)  # everything scored so far is committed
         backlog = [world.request(rng, 0) for _ in range(requests)]
         _produce(endpoints.kafka or "", topics.ad_requests.name, backlog)
         reader.stages.clear()
@@ -390,8 +395,7 @@ def run(
         return result
     finally:
         if scorer is not None:
-            scorer.terminate()
-            scorer.wait(30)
+            _stop_scorer(scorer)
         if started_here:
             stack.down()
 
