@@ -2,20 +2,24 @@
 
 Events are trained in impression order once their attribution window has closed (see
 ``IncrementalTrainer._release``: otherwise fresh clicks, which arrive before the
-negatives of their time, bias the model upwards). Then, per batch (test-then-train): every
-event is first scored by the current model (the prequential AUC-PR, logloss and ECE per
-format over the last ``prequential_window`` events), then trained on. One event in
-``holdout_every`` is kept out of training for the quality gate instead.
+negatives of their time, bias the model upwards), in whole mini-batches of
+``online_batch_size`` however the stream splits them into polls (a poll at 50 events/s
+holds a handful: a step per poll made the steps noisy enough that the gate held every
+candidate back for minutes). Test-then-train: every event is first scored by the current
+model (the prequential AUC-PR, logloss and ECE per format over the last
+``prequential_window`` events), then trained on. One event in ``holdout_every`` is kept
+out of training for the quality gate instead.
 
 On a cadence (``publish_every_examples`` or ``publish_every_s``) the current model is a
 candidate. It must have finite weights and a held-out logloss no worse than the serving
-version's (within ``gate_tolerance``); then the Publisher writes, loads and checks it
+version's (within ``gate_tolerance``); the released events short of a mini-batch are
+trained first, so a version has learned all it could. Then the Publisher writes, loads and checks it
 (trainer/export.py). A rejected candidate is not published; a non-finite one is also
 replaced by the serving weights so training goes on from a sound model.
 
 Delivery guarantee: each labelled event is trained into the model's lineage exactly once.
 The checkpoint holds the weights (the trainer's and the served version's), the optimiser
-state, the events read but not yet released, and the next offset of every partition,
+state, the events read but not yet trained, and the next offset of every partition,
 written together (one file, renamed into place) at every turn of the cadence, whether
 the candidate was published or not.
 On (re)assignment the trainer seeks to the checkpoint's offsets, so events after the
@@ -167,7 +171,8 @@ class Checkpoint:
     version: int = 0
     announcement: dict[str, Any] | None = None  # the last version's model-update record
     learned_clicks: list[int] = field(default_factory=list)  # not yet in a served version
-    waiting: list[dict[str, Any]] = field(default_factory=list)  # read, not yet trained
+    waiting: list[dict[str, Any]] = field(default_factory=list)  # read, window still open
+    ready: list[dict[str, Any]] = field(default_factory=list)  # released, short of a batch
     closed_ms: int = 0
 
     def save(self, path: Path) -> None:
@@ -232,6 +237,7 @@ class IncrementalTrainer:
         self.check: Batch | None = None  # recent events for Triton's warm-up and parity
         self.events = 0  # labelled events read (trained, held out or waiting)
         self.waiting: list[dict[str, Any]] = []  # read, not yet released (see _release)
+        self.ready: list[dict[str, Any]] = []  # released for training, short of a mini-batch
         self.closed_ms = 0  # the most recent impression time whose negatives have arrived
         self.rejected = 0
         self.announcement: dict[str, Any] | None = None  # the last version's model-update
@@ -253,6 +259,7 @@ class IncrementalTrainer:
         self.version = checkpoint.version
         self.learned_clicks = list(checkpoint.learned_clicks)
         self.waiting = list(checkpoint.waiting)
+        self.ready = list(checkpoint.ready)
         self.closed_ms = checkpoint.closed_ms
         self.announcement = checkpoint.announcement
         self._announce_again = checkpoint.announcement is not None
@@ -291,26 +298,18 @@ class IncrementalTrainer:
                 continue
             self.events += 1
             self.waiting.append(record.value)
-        train, held = [], []
+        held = []
         for event in self._release():
             held_out = (
                 zlib.crc32(event["impression"]["request_id"].encode()) % self.t.holdout_every == 0
             )
-            (held if held_out else train).append(event)
+            (held if held_out else self.ready).append(event)
         if held:
             h = Examples.from_events(held)
             self.held_out.add(h.categorical, h.numeric, h.fmt, h.label)
-        if train:
-            x = Examples.from_events(train)
-            self.recent.add(x.fmt, x.label, predict(self.model, x))  # test, then train
-            self._train(x)
-            self.check = (x.categorical[-64:], x.numeric[-64:], x.fmt[-64:])
-            self.learned_clicks += [
-                e["impression"]["event_time"] + e["click_delay_ms"]
-                for e in train
-                if e["label"] == 1 and e["click_delay_ms"] is not None
-            ]
+        self._train_ready(whole_batches_only=True)
         if self._cadence_due():
+            self._train_ready(whole_batches_only=False)
             update = self._publish()
             self._checkpoint()
             if update is not None:
@@ -333,6 +332,23 @@ class IncrementalTrainer:
         self.waiting = [e for e in self.waiting if e["impression"]["event_time"] > closed]
         return sorted(ready, key=lambda e: e["impression"]["event_time"])
 
+    def _train_ready(self, whole_batches_only: bool) -> None:
+        """Scores, then trains on, the ready events: whole mini-batches only, or all."""
+        size = self.t.online_batch_size
+        count = len(self.ready) - len(self.ready) % size if whole_batches_only else len(self.ready)
+        if count == 0:
+            return
+        train, self.ready = self.ready[:count], self.ready[count:]
+        x = Examples.from_events(train)
+        self.recent.add(x.fmt, x.label, predict(self.model, x))  # test, then train
+        self._train(x)
+        self.check = (x.categorical[-64:], x.numeric[-64:], x.fmt[-64:])
+        self.learned_clicks += [
+            e["impression"]["event_time"] + e["click_delay_ms"]
+            for e in train
+            if e["label"] == 1 and e["click_delay_ms"] is not None
+        ]
+
     def _train(self, x: Examples) -> None:
         tensors = to_tensors(x.categorical, x.numeric, x.fmt, x.label)
         self.model.train()
@@ -348,12 +364,11 @@ class IncrementalTrainer:
         self.since_publish += len(x)
 
     def _cadence_due(self) -> bool:
-        if self.since_publish == 0:
+        learned = self.since_publish + len(self.ready)
+        if learned == 0:
             return False
         waited = time.monotonic() - self.last_publish
-        return (
-            self.since_publish >= self.t.publish_every_examples or waited >= self.t.publish_every_s
-        )
+        return learned >= self.t.publish_every_examples or waited >= self.t.publish_every_s
 
     # --- rollout ----------------------------------------------------------------------
 
@@ -430,5 +445,6 @@ class IncrementalTrainer:
             announcement=self.announcement,
             learned_clicks=list(self.learned_clicks),
             waiting=list(self.waiting),
+            ready=list(self.ready),
             closed_ms=self.closed_ms,
         ).save(self.checkpoint_path)

@@ -171,6 +171,33 @@ def test_a_rejected_candidate_is_still_checkpointed(world_and_model, tmp_path):
         assert torch.equal(saved.serving[name], tensor)  # the gate compares with this one
 
 
+def test_training_steps_on_whole_mini_batches_however_the_stream_is_polled(
+    world_and_model, tmp_path
+):
+    """A poll holds whatever had arrived (a handful of events at tens per second): the
+    model must come out the same as from one big poll, or the steps get noisy."""
+    settings, history, state = world_and_model
+    values = labelled_events(history, 1500, 390)
+    torch.manual_seed(0)
+    one_poll = trainer_for(settings, state, tmp_path / "one", None)
+    one_poll(records(values, 0))
+    torch.manual_seed(0)
+    small_polls = trainer_for(settings, state, tmp_path / "small", None)
+    for start in range(0, len(values), 3):
+        small_polls(records(values[start : start + 3], start))
+
+    batch = settings.trainer.online_batch_size
+    for trainer in (one_poll, small_polls):
+        assert trainer.examples % batch == 0 and 0 < len(trainer.ready) < batch
+    assert len(one_poll.ready) == len(small_polls.ready)
+    for name, tensor in one_poll.model.state_dict().items():
+        assert torch.equal(small_polls.model.state_dict()[name], tensor), name
+
+    update = small_polls(records(labelled_events(history, 1890, 150), 390))  # the cadence
+    assert update.outputs and small_polls.ready == []  # a version learns every ready event
+    assert update.outputs[0].value["examples_trained"] == small_polls.examples
+
+
 def test_events_wait_until_the_negatives_of_their_time_have_arrived(world_and_model, tmp_path):
     """Clicks come before the negatives of their time; training them first would inflate
     pCTR, so each event waits for a negative at least as recent as its impression."""
@@ -199,3 +226,4 @@ def test_events_wait_until_the_negatives_of_their_time_have_arrived(world_and_mo
     trainer._checkpoint()
     resumed = trainer_for(settings, state, tmp_path, Checkpoint.load(tmp_path / "trainer.pt"))
     assert resumed.waiting == saved_waiting and resumed.closed_ms == trainer.closed_ms
+    assert resumed.ready == trainer.ready
