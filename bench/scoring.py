@@ -11,7 +11,9 @@ Triton, next to three floors measured in the same run.
   system serves.
 * saturation: that scorer stops; ``requests`` requests are produced, then a fresh
   scoring process drains them; requests/s and candidates/s from its first to its last
-  score (the records' produce timestamps, read back without decoding).
+  score (the records' produce timestamps, read back without decoding). The scores are
+  read once the scorer has committed the whole backlog, so that, like the passthrough
+  floor, it has the machine to itself (a reader alongside took about a tenth of it).
 * floors, each the same work done by the simplest real thing:
   - Kafka passthrough: consume ``requests`` of the same topic, decode, encode, produce,
     flush;
@@ -30,6 +32,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from camoe.features import FeatureLayout
 from camoe.pipeline import prepare, run_topics, write_settings
@@ -153,6 +156,64 @@ def _start_scorer(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             env={**os.environ, "CAMOE_CONFIG": str(config)},
         )
+
+
+def _cpu_jiffies() -> list[int]:
+    """The machine's CPU time so far by state (the ``cpu`` line of /proc/stat)."""
+    with open("/proc/stat") as stat:
+        return [int(v) for v in stat.readline().split()[1:]]
+
+
+def _cpu_during(start_s: float, seconds: float) -> Callable[[], dict[str, float]]:
+    """Measures in a thread, from ``start_s`` on for ``seconds``, how busy the cores were
+    and how much time the hypervisor gave to other machines (steal): the latency tail
+    moves with both. Returns a function that waits for the figures (none off Linux)."""
+    figures: dict[str, float] = {}
+
+    def measure() -> None:
+        if not os.path.exists("/proc/stat"):
+            return
+        time.sleep(start_s)
+        before = _cpu_jiffies()
+        time.sleep(seconds)
+        delta = [b - a for a, b in zip(before, _cpu_jiffies(), strict=True)]
+        idle, steal = delta[3] + delta[4], delta[7]  # idle + iowait; steal
+        figures["busy_pct"] = 100 * (sum(delta) - idle - steal) / sum(delta)
+        figures["steal_pct"] = 100 * steal / sum(delta)
+
+    thread = threading.Thread(target=measure, daemon=True)
+    thread.start()
+
+    def result() -> dict[str, float]:
+        thread.join()
+        return figures
+
+    return result
+
+
+def _wait_for_drain(
+    bootstrap: str, group_id: str, topic: str, scorer: subprocess.Popen[bytes], timeout_s: float
+) -> None:
+    """Waits until ``group_id`` has committed every record of ``topic``, looking only at
+    offsets (no records are fetched)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
+    try:
+        partitions = [
+            TopicPartition(topic, p)
+            for p in consumer.list_topics(topic, 10).topics[topic].partitions
+        ]
+        ends = [consumer.get_watermark_offsets(p, 10)[1] for p in partitions]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if scorer.poll() is not None:
+                raise RuntimeError(f"the scorer exited with code {scorer.returncode}")
+            committed = [p.offset for p in consumer.committed(partitions, 10)]
+            if all(e == 0 or c >= e for c, e in zip(committed, ends, strict=True)):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"the scorer did not drain {topic} within {timeout_s:.0f}s")
+    finally:
+        consumer.close()
 
 
 def _stop_scorer(scorer: subprocess.Popen[bytes]) -> None:
@@ -317,6 +378,7 @@ def run(
             args=(endpoints.kafka or "", topics.ad_requests.name, warmup + load, rate),
         )
         producer.start()
+        cpu_figures = _cpu_during(warmup_s, seconds)
         reader.read_until({r["request_id"] for r in warmup + load}, warmup_s + seconds + 300)
         producer.join()
         if producer.exitcode:
@@ -329,6 +391,9 @@ def run(
         )
         p50, p99 = (float(np.percentile(latencies, q)) for q in (50, 99))
         progress(f"  p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        cpu = cpu_figures()
+        if cpu:
+            progress(f"  cores {cpu['busy_pct']:.0f}% busy, {cpu['steal_pct']:.1f}% stolen")
 
         progress(f"saturation: a fresh scorer drains {requests} requests")
         _stop_scorer(scorer)  # everything scored so far is committed
@@ -336,7 +401,10 @@ def run(
         _produce(endpoints.kafka or "", topics.ad_requests.name, backlog)
         reader.stages.clear()
         scorer = _start_scorer(config, out / "state" / "score.log")
-        reader.read_until({r["request_id"] for r in backlog}, 600, decode_every=50)
+        _wait_for_drain(
+            endpoints.kafka or "", s.scoring.group_id, topics.ad_requests.name, scorer, 600
+        )
+        reader.read_until({r["request_id"] for r in backlog}, 120, decode_every=50)
         reader.close()
         # Each request of a batch carries that batch's timings: weight by request.
         stages = {k: float(np.mean([t[k] for t in reader.stages])) for k in reader.stages[0]}
@@ -375,6 +443,7 @@ def run(
                 "p50_ms": p50,
                 "p99_ms": p99,
                 "mean_ms": float(latencies.mean()),
+                "cpu": cpu,
             },
             "floors": {
                 "kafka_passthrough_requests_per_s": passthrough,

@@ -67,6 +67,8 @@ def _app(
     guarantee: str = "at-least-once",
     in_flight_batches: int = 4,
     commit_interval_s: float = 0.0,
+    poll_timeout_s: float = 0.1,
+    linger_ms: float = 2.0,
 ) -> StreamApp:
     endpoints = endpoints_for(settings, "kafka")
     return StreamApp(
@@ -80,6 +82,8 @@ def _app(
         batch_size=batch_size,
         in_flight_batches=in_flight_batches,
         commit_interval_s=commit_interval_s,
+        poll_timeout_s=poll_timeout_s,
+        linger_ms=linger_ms,
         instance_id=f"{name}-{settings.worker_id}",
     )
 
@@ -109,6 +113,8 @@ def run_scoring(settings: Settings, stop: Event) -> None:
         s.guarantee,
         s.in_flight_batches,
         s.commit_interval_s,
+        s.poll_timeout_s,
+        s.linger_ms,
     )
     scorer = Scorer(settings, features, triton)
     if s.metrics_port is not None:

@@ -126,7 +126,16 @@ class ScoringSettings(Section):
         description="most requests per batch; a batch is what has arrived, so at low rates "
         "batches stay small and only a backlog fills them",
     )
-    poll_timeout_s: float = 0.05
+    poll_timeout_s: float = Field(
+        default=0.05,
+        description="longest wait for a first request; a request that arrives ends it",
+    )
+    linger_ms: float = Field(
+        default=0.5,
+        description="the producer's wait for more records per request: a batch's outputs "
+        "are produced in one burst, so it need only cover that (at 2 ms, the scores' hop to "
+        "a reader took 1.7 ms longer at p50 and the broker no less CPU)",
+    )
     guarantee: DeliveryGuarantee = "at-least-once"
     in_flight_batches: int = Field(
         default=4,

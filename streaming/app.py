@@ -138,6 +138,7 @@ class StreamApp:
         commit_interval_s: at-least-once, the least time between two commits. Each commit
             is a request the broker writes to its offsets log: committing each of a hundred
             small batches a second took a fifth of the broker's CPU here.
+        linger_ms: how long the producer waits to put more records in one request.
         instance_id: this worker's stable identity within the group. A worker restarted
             with the same id takes its partitions back at once (static membership) and,
             exactly-once, fences its crashed predecessor's open transaction (aborting it)
@@ -157,6 +158,7 @@ class StreamApp:
         poll_timeout_s: float = 0.1,
         in_flight_batches: int = 4,
         commit_interval_s: float = 0.0,
+        linger_ms: float = 2.0,
         instance_id: str | None = None,
         consumer_config: dict[str, Any] | None = None,
     ) -> None:
@@ -196,7 +198,7 @@ class StreamApp:
         producer_config: dict[str, Any] = {
             "bootstrap.servers": bootstrap_servers,
             "enable.idempotence": True,
-            "linger.ms": 2,
+            "linger.ms": linger_ms,
             "acks": "all",
         }
         if guarantee == "exactly-once":

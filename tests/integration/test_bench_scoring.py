@@ -25,6 +25,8 @@ def test_scoring_benchmark_writes_its_results(services, tmp_path):
     assert saved == json.loads(json.dumps(result))
     assert saved["saturation"]["requests_per_s"] > 0
     assert saved["fixed_load"]["p50_ms"] <= saved["fixed_load"]["p99_ms"]
+    cpu = saved["fixed_load"]["cpu"]  # the machine's state while the latency was timed
+    assert 0 < cpu["busy_pct"] <= 100 and 0 <= cpu["steal_pct"] < 100
     for name in ("kafka_passthrough", "model_forward", "redis_read"):
         ratio = saved["ratios_pipeline_to_floor"][name]
         assert math.isfinite(ratio) and ratio > 0, name
