@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from camoe.features import FeatureLayout
 from camoe.pipeline import prepare, run_topics, write_settings
@@ -80,17 +80,21 @@ def _produce(
     requests: list[dict[str, Any]],
     rate: float | None = None,
     stamp: bool = True,
+    started: Any = None,
 ) -> None:
     """Produces requests, at ``rate`` per second when given; event_time = produce time
-    (records wait up to 5 ms to share a request to the broker)."""
+    (records wait up to 5 ms to share a request to the broker). ``started``, an Event, is
+    set when the first request goes out."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     # Connected, with the topic's partitions known, before the first stamp: otherwise the
     # first records wait for that and their latency is the load generator's start-up.
     producer.list_topics(topic, timeout=10)
-    started = time.monotonic()
+    begun = time.monotonic()
+    if started is not None:
+        started.set()
     for i, request in enumerate(requests):
         if rate is not None:
-            delay = started + i / rate - time.monotonic()
+            delay = begun + i / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
         if stamp:
@@ -117,7 +121,10 @@ class ScoreReader:
                 "auto.offset.reset": "earliest",
             }
         )
-        self._consumer.subscribe([topic])
+        # Assigned, not subscribed: no group to be dropped from while the saturation
+        # bench waits for the scorer without reading.
+        partitions = self._consumer.list_topics(topic, 10).topics[topic].partitions
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         self.received: dict[str, tuple[float, int]] = {}
         self.produced: dict[str, int] = {}
         self.stages: list[dict[str, float]] = []  # the scorer's own per-batch timings
@@ -164,22 +171,24 @@ def _cpu_jiffies() -> list[int]:
         return [int(v) for v in stat.readline().split()[1:]]
 
 
-def _cpu_during(start_s: float, seconds: float) -> Callable[[], dict[str, float]]:
-    """Measures in a thread, from ``start_s`` on for ``seconds``, how busy the cores were
-    and how much time the hypervisor gave to other machines (steal): the latency tail
-    moves with both. Returns a function that waits for the figures (none off Linux)."""
+def _cpu_during(started: Any, start_s: float, seconds: float) -> Callable[[], dict[str, float]]:
+    """Measures in a thread, from ``start_s`` after the Event ``started`` on for
+    ``seconds``, how busy the cores were and how much time the hypervisor gave to other
+    machines (steal): the latency tail moves with both. Returns a function that waits for
+    the figures (none off Linux)."""
     figures: dict[str, float] = {}
 
     def measure() -> None:
-        if not os.path.exists("/proc/stat"):
+        if not os.path.exists("/proc/stat") or not started.wait(300):
             return
         time.sleep(start_s)
         before = _cpu_jiffies()
         time.sleep(seconds)
-        delta = [b - a for a, b in zip(before, _cpu_jiffies(), strict=True)]
-        idle, steal = delta[3] + delta[4], delta[7]  # idle + iowait; steal
-        figures["busy_pct"] = 100 * (sum(delta) - idle - steal) / sum(delta)
-        figures["steal_pct"] = 100 * steal / sum(delta)
+        # user nice system idle iowait irq softirq steal (guest time is within user)
+        delta = [b - a for a, b in zip(before[:8], _cpu_jiffies()[:8], strict=True)]
+        total, idle, steal = sum(delta), delta[3] + delta[4], delta[7]
+        figures["busy_pct"] = 100 * (total - idle - steal) / total
+        figures["steal_pct"] = 100 * steal / total
 
     thread = threading.Thread(target=measure, daemon=True)
     thread.start()
@@ -207,8 +216,12 @@ def _wait_for_drain(
         while time.monotonic() < deadline:
             if scorer.poll() is not None:
                 raise RuntimeError(f"the scorer exited with code {scorer.returncode}")
-            committed = [p.offset for p in consumer.committed(partitions, 10)]
-            if all(e == 0 or c >= e for c, e in zip(committed, ends, strict=True)):
+            try:
+                committed = [p.offset for p in consumer.committed(partitions, 10)]
+            except KafkaException as error:  # the coordinator busy: ask again
+                log.warning("committed offsets: %s", error)
+                committed = []
+            if committed and all(e == 0 or c >= e for c, e in zip(committed, ends, strict=True)):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"the scorer did not drain {topic} within {timeout_s:.0f}s")
@@ -373,12 +386,15 @@ def run(
         # The load comes from a process of its own, as from an ad server: produced from a
         # thread here, it would share this process's interpreter with the reader timing
         # the scores.
-        producer = multiprocessing.get_context("spawn").Process(
+        spawn = multiprocessing.get_context("spawn")
+        load_started = spawn.Event()
+        producer = spawn.Process(
             target=_produce,
             args=(endpoints.kafka or "", topics.ad_requests.name, warmup + load, rate),
+            kwargs={"started": load_started},
         )
         producer.start()
-        cpu_figures = _cpu_during(warmup_s, seconds)
+        cpu_figures = _cpu_during(load_started, warmup_s, seconds)
         reader.read_until({r["request_id"] for r in warmup + load}, warmup_s + seconds + 300)
         producer.join()
         if producer.exitcode:

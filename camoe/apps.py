@@ -199,4 +199,4 @@ def run_trainer(settings: Settings, stop: Event) -> None:
         t.publish_every_examples,
         t.publish_every_s,
     )
-    app.run(trainer, stop, hooks=trainer)
+    app.run(trainer, stop, commit_policy=trainer.committable, hooks=trainer)

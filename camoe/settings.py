@@ -191,6 +191,7 @@ class TrainerSettings(Section):
     learning_rate: float = Field(default=3e-3, description="the offline fit of version 1")
     online_batch_size: int = Field(
         default=64,
+        gt=0,
         description="the incremental trainer's mini-batch: small, so that a few thousand "
         "events are enough steps to follow drifting traffic",
     )

@@ -24,8 +24,11 @@ written together (one file, renamed into place) at every turn of the cadence, wh
 the candidate was published or not.
 On (re)assignment the trainer seeks to the checkpoint's offsets, so events after the
 checkpoint are trained again on top of the checkpointed weights, and events before it
-never are. Announcements on model-updates are at-least-once (keyed by version): the
-checkpoint's version is announced again after a restart.
+never are. The group's committed offsets are the last checkpoint's (``committable``), so
+a partition the checkpoint does not know (a crash before the first one) is read again
+from the start, not from past events never trained. Announcements on model-updates are
+at-least-once (keyed by version): the checkpoint's version is announced again after a
+restart.
 
 Late positives (a click after the attribution window, when the negative was already
 trained) are trained as positives: together with the earlier negative the impression
@@ -196,6 +199,11 @@ def _key(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
 
 
+def _partition_of(key: str) -> tuple[str, int]:
+    topic, partition = key.rsplit(":", 1)
+    return topic, int(partition)
+
+
 class IncrementalTrainer:
     """StreamApp handler (and partition hooks) over labelled-events.
 
@@ -226,7 +234,8 @@ class IncrementalTrainer:
         self.cluster_id = cluster_id
         self.optimiser = torch.optim.Adam(model.parameters(), lr=self.t.online_learning_rate)
         self.serving = copy.deepcopy(model).eval()  # the version Triton serves
-        self.offsets: dict[str, int] = {}
+        self.offsets: dict[str, int] = {}  # "topic:partition" -> next offset to read
+        self.checkpointed: dict[str, int] = {}  # the offsets of the last checkpoint
         self.examples = 0
         self.version = 0
         self.since_publish = 0
@@ -252,6 +261,7 @@ class IncrementalTrainer:
             self.optimiser.load_state_dict(checkpoint.optimiser)
         if checkpoint.cluster_id == self.cluster_id:
             self.offsets = dict(checkpoint.offsets)
+            self.checkpointed = dict(checkpoint.offsets)
         elif checkpoint.offsets:
             log.warning("the checkpoint's offsets belong to another Kafka cluster; ignoring them")
         self.examples = checkpoint.examples
@@ -283,6 +293,13 @@ class IncrementalTrainer:
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         """Nothing to drop: the model learns from every partition it has read."""
+
+    def committable(self, _records: list[Record]) -> list[TopicPartition]:
+        """The StreamApp's commit policy: the last checkpoint's offsets, never further (a
+        batch read is not yet in any checkpoint)."""
+        return [
+            TopicPartition(*_partition_of(key), offset) for key, offset in self.checkpointed.items()
+        ]
 
     # --- the batch --------------------------------------------------------------------
 
@@ -342,7 +359,10 @@ class IncrementalTrainer:
         x = Examples.from_events(train)
         self.recent.add(x.fmt, x.label, predict(self.model, x))  # test, then train
         self._train(x)
-        self.check = (x.categorical[-64:], x.numeric[-64:], x.fmt[-64:])
+        rows = (x.categorical, x.numeric, x.fmt)
+        if self.check is not None and len(x) < 64:  # a remainder: keep 64 rows to check
+            rows = tuple(np.concatenate(pair) for pair in zip(self.check, rows, strict=True))
+        self.check = (rows[0][-64:], rows[1][-64:], rows[2][-64:])
         self.learned_clicks += [
             e["impression"]["event_time"] + e["click_delay_ms"]
             for e in train
@@ -448,3 +468,4 @@ class IncrementalTrainer:
             ready=list(self.ready),
             closed_ms=self.closed_ms,
         ).save(self.checkpoint_path)
+        self.checkpointed = dict(self.offsets)

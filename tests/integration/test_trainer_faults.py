@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from camoe.pipeline import write_settings
 from camoe.settings import Settings
@@ -163,3 +163,62 @@ def test_sigkill_trainer_resumes_without_training_an_event_twice(trainer_world, 
         history["categorical"][:4], history["numeric"][:4], history["format"][:4]
     )
     assert served == str(saved.version)
+
+
+def _committed(bootstrap: str, group_id: str, topic: str) -> list[int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
+    try:
+        partitions = consumer.list_topics(topic, 10).topics[topic].partitions
+        return [
+            p.offset for p in consumer.committed([TopicPartition(topic, p) for p in partitions])
+        ]
+    finally:
+        consumer.close()
+
+
+def test_sigkill_before_the_first_checkpoint_loses_no_event(trainer_world, tmp_path):
+    """The group's committed offsets are the checkpoint's: a trainer killed after reading
+    (and before checkpointing) leaves none, so its successor reads every event again."""
+    s, endpoints, history, _ = trainer_world
+    never = s.model_copy(
+        update={
+            "trainer": s.trainer.model_copy(
+                update={"publish_every_examples": 10**9, "publish_every_s": 3600.0}
+            )
+        }
+    )
+    topic = s.kafka.topics.labelled_events.name
+    codec = AvroCodec("labelled_event")
+    producer = Producer({"bootstrap.servers": endpoints.kafka, "linger.ms": 20})
+    for value in labelled_events(history, 1000, 2_000):
+        producer.produce(topic, key=value["impression"]["request_id"], value=codec.encode(value))
+    assert producer.flush(10) == 0
+    log_path = tmp_path / "train.log"
+    with log_path.open("ab") as log:
+        process = _start_trainer(write_settings(never, tmp_path / "never.yaml"), endpoints, log)
+        deadline = time.monotonic() + 120
+        while "assigned" not in log_path.read_text():
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the trainer did not join its group"
+            time.sleep(0.2)
+        time.sleep(8.0)  # it reads and trains all 2,000 events, and checkpoints none
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert Checkpoint.load(s.trainer.checkpoint_dir / "trainer.pt") is None
+        assert all(o < 0 for o in _committed(endpoints.kafka, s.trainer.group_id, topic))
+
+        process = _start_trainer(write_settings(s, tmp_path / "settings.yaml"), endpoints, log)
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                saved = Checkpoint.load(s.trainer.checkpoint_dir / "trainer.pt")
+                if saved is not None and saved.events >= 2_000:
+                    break
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"stuck at {saved and saved.events} events"
+                time.sleep(0.5)
+        finally:
+            process.terminate()
+            process.wait(60)
+    assert saved.events == 2_000
+    assert sum(max(o, 0) for o in _committed(endpoints.kafka, s.trainer.group_id, topic)) == 2_000

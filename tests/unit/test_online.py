@@ -98,6 +98,7 @@ def test_trainer_publishes_on_cadence_and_checkpoints_with_offsets(world_and_mod
     trainer = trainer_for(settings, state, tmp_path, None)
     result = trainer(records(labelled_events(history, 1500, 300), 0))
     assert result.outputs == [] and trainer.since_publish > 0  # below the cadence
+    assert trainer.committable([]) == []  # nothing is in a checkpoint yet
     result = trainer(records(labelled_events(history, 1800, 300), 300))
     (update,) = result.outputs
     assert update.value["version"] == 1 and versions(tmp_path / "repo" / "camoe") == [1]
@@ -115,6 +116,8 @@ def test_trainer_publishes_on_cadence_and_checkpoints_with_offsets(world_and_mod
     assert (saved.version, saved.examples, saved.events) == (1, trainer.examples, 600)
     for name, tensor in trainer.model.state_dict().items():
         assert torch.equal(saved.model[name], tensor)
+    trainer(records(labelled_events(history, 2100, 10), 600))  # read, not checkpointed
+    assert [(p.topic, p.partition, p.offset) for p in trainer.committable([])] == [(TOPIC, 0, 600)]
 
 
 def test_resume_starts_at_the_checkpoint_and_announces_its_version_again(world_and_model, tmp_path):
