@@ -29,7 +29,6 @@ from trainer.model import build_served_camoe
 from trainer.online import Checkpoint
 from trainer.train import fit, save_model
 
-MODEL = "camoe_trainer_faults"
 EVENTS = 8_000
 
 
@@ -38,6 +37,7 @@ def trainer_world(services, tmp_path):
     """Own topics, model name and checkpoint folder; version 1 published and saved."""
     settings, endpoints = services
     suffix = uuid.uuid4().hex[:6]
+    name = f"camoe_trainer_faults_{suffix}"  # a model of its own per test: a fresh repository
     topics = settings.kafka.topics
     renamed = topics.model_copy(
         update={
@@ -46,15 +46,15 @@ def trainer_world(services, tmp_path):
         }
     )
     source = settings.triton.model_repo / "camoe"
-    target = settings.triton.model_repo / MODEL
+    target = settings.triton.model_repo / name
     target.mkdir()
     config = (source / "config.pbtxt").read_text()
-    (target / "config.pbtxt").write_text(re.sub(r'name: "camoe"', f'name: "{MODEL}"', config))
+    (target / "config.pbtxt").write_text(re.sub(r'name: "camoe"', f'name: "{name}"', config))
     s = Settings(
         **{
             **settings.model_dump(),
             "kafka": {**settings.kafka.model_dump(), "topics": renamed.model_dump()},
-            "triton": {**settings.triton.model_dump(), "model_name": MODEL},
+            "triton": {**settings.triton.model_dump(), "model_name": name},
             "trainer": {
                 **settings.trainer.model_dump(),
                 "checkpoint_dir": tmp_path / "trainer",
@@ -70,9 +70,9 @@ def trainer_world(services, tmp_path):
     model = build_served_camoe(s)
     fit(model, {k: v[:1000] for k, v in history.items()}, epochs=1)
     save_model(model, s.trainer.checkpoint_dir / "model.pt")
-    client = TritonClient(endpoints.triton, MODEL)
+    client = TritonClient(endpoints.triton, name)
     check = (history["categorical"][:8], history["numeric"][:8], history["format"][:8])
-    Publisher(s.triton.model_repo, MODEL, client).publish(model, check)
+    Publisher(s.triton.model_repo, name, client).publish(model, check)
     yield s, endpoints, history, client
     client.close()
 
@@ -121,7 +121,9 @@ def test_sigkill_trainer_resumes_without_training_an_event_twice(trainer_world, 
             # Once it has checkpointed (a turn of the cadence), a random moment: training,
             # exporting, loading into Triton or checkpointing again.
             deadline = time.monotonic() + 180
-            while _cadence_turns(log_path) == turns:
+            # The turn is logged just before its checkpoint is saved: wait for the file too
+            # (else a first life killed in between has nothing to resume from).
+            while _cadence_turns(log_path) == turns or not checkpoint_path.exists():
                 assert process.poll() is None, log_path.read_text()[-3000:]
                 assert time.monotonic() < deadline, "the trainer did not publish"
                 time.sleep(0.2)
