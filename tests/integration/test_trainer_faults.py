@@ -133,18 +133,7 @@ def test_sigkill_trainer_resumes_without_training_an_event_twice(trainer_world, 
             kills += 1
 
         process = _start_trainer(config, endpoints, log)
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                saved = Checkpoint.load(checkpoint_path)
-                if saved is not None and saved.events >= EVENTS:
-                    break
-                assert process.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, f"stuck at {saved and saved.events} events"
-                time.sleep(0.5)
-        finally:
-            process.terminate()
-            process.wait(60)
+        saved = _checkpoint_with(checkpoint_path, EVENTS, process, log_path, 300)
 
     held_out = sum(
         zlib.crc32(v["impression"]["request_id"].encode()) % s.trainer.holdout_every == 0
@@ -165,6 +154,24 @@ def test_sigkill_trainer_resumes_without_training_an_event_twice(trainer_world, 
         history["categorical"][:4], history["numeric"][:4], history["format"][:4]
     )
     assert served == str(saved.version)
+
+
+def _checkpoint_with(
+    path: Path, events: int, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float
+) -> Checkpoint:
+    """Waits until the trainer's checkpoint holds ``events`` events read, then stops it."""
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            saved = Checkpoint.load(path)
+            if saved is not None and saved.events >= events:
+                return saved
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"stuck at {saved and saved.events} events"
+            time.sleep(0.5)
+    finally:
+        process.terminate()
+        process.wait(60)
 
 
 def _committed(bootstrap: str, group_id: str, topic: str) -> list[int]:
@@ -210,17 +217,8 @@ def test_sigkill_before_the_first_checkpoint_loses_no_event(trainer_world, tmp_p
         assert all(o < 0 for o in _committed(endpoints.kafka, s.trainer.group_id, topic))
 
         process = _start_trainer(write_settings(s, tmp_path / "settings.yaml"), endpoints, log)
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                saved = Checkpoint.load(s.trainer.checkpoint_dir / "trainer.pt")
-                if saved is not None and saved.events >= 2_000:
-                    break
-                assert process.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, f"stuck at {saved and saved.events} events"
-                time.sleep(0.5)
-        finally:
-            process.terminate()
-            process.wait(60)
+        saved = _checkpoint_with(
+            s.trainer.checkpoint_dir / "trainer.pt", 2_000, process, log_path, 180
+        )
     assert saved.events == 2_000
     assert sum(max(o, 0) for o in _committed(endpoints.kafka, s.trainer.group_id, topic)) == 2_000
