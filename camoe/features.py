@@ -127,12 +127,14 @@ AD_NUMERIC = ["quality", *(f"ad_affinity_{i}" for i in range(AFFINITY_DIM))]
 class Encoded:
     """A batch of requests' candidates as model inputs, one row per candidate in request
     order: categorical (B, C) int64, numeric (B, N) float32, format (B,) 0-based,
-    request (B,) index of its request, complete / unknown_user / unknown_ad (B,) bool."""
+    request (B,) index of its request, bid (B,) float64 (NaN where not a float32),
+    complete / unknown_user / unknown_ad (B,) bool."""
 
     categorical: np.ndarray
     numeric: np.ndarray
     fmt: np.ndarray
     request: np.ndarray
+    bid: np.ndarray
     complete: np.ndarray
     unknown_user: np.ndarray
     unknown_ad: np.ndarray
@@ -292,6 +294,7 @@ class FeatureLayout:
             numeric,
             codes - 1,
             request,
+            bid,
             complete,
             ~known[0][rows[0]],
             ~known[1][rows[1]],

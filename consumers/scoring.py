@@ -180,8 +180,9 @@ class Scorer:
             }
             result.outputs += self._outputs(
                 requests[i:j],
-                starts[i:j] - starts[i],
+                starts[i : j + 1] - starts[i],
                 pctr,
+                encoded.bid[starts[i] : starts[j]],
                 chunk[0],
                 chunk[1],
                 flags[i:j],
@@ -256,31 +257,31 @@ class Scorer:
     def _outputs(
         self,
         requests: list[Record],
-        starts: np.ndarray,
+        bounds: np.ndarray,
         pctr: np.ndarray,
+        bid: np.ndarray,
         categorical: np.ndarray,
         numeric: np.ndarray,
         flags: list[list[str]],
         version: str,
         timings: dict[str, float],
     ) -> list[Output]:
-        """Each request's ad-scores record and its winner's feature-log row; ``starts[k]``
-        is request k's first row in the arrays."""
+        """Each request's ad-scores record and its winner's feature-log row; request k's
+        candidates are rows ``bounds[k]:bounds[k + 1]`` of the arrays."""
+        chosen = winners(bid, pctr, bounds)
         p = pctr.tolist()
-        chosen, winners = [], []
-        for k, record in enumerate(requests):
-            candidates, first = record.value["candidates"], int(starts[k])
-            best = max(range(len(candidates)), key=lambda i: candidates[i]["bid"] * p[first + i])
-            chosen.append(first + best)
-            winners.append(candidates[best])
+        first = bounds.tolist()
         # The winners' feature rows, converted in one call rather than one per request.
-        logged = zip(categorical[chosen].tolist(), numeric[chosen].tolist(), strict=True)
+        logged = zip(
+            chosen.tolist(), categorical[chosen].tolist(), numeric[chosen].tolist(), strict=True
+        )
         service = self.settings.feast.feature_service
+        fallback = version == FALLBACK_VERSION
         outputs = []
-        for k, (record, winner, (cat, num)) in enumerate(
-            zip(requests, winners, logged, strict=True)
-        ):
-            request, first = record.value, int(starts[k])
+        for k, (record, (row, cat, num)) in enumerate(zip(requests, logged, strict=True)):
+            request = record.value
+            candidates = request["candidates"]
+            winner = candidates[row - first[k]]
             key = request["request_id"]
             outputs += [
                 Output(
@@ -296,14 +297,12 @@ class Scorer:
                                 "ad_id": c["ad_id"],
                                 "format": c["format"],
                                 "bid": c["bid"],
-                                "pctr": p[first + i],
+                                "pctr": q,
                             }
-                            for i, c in enumerate(request["candidates"])
+                            for c, q in zip(candidates, p[first[k] : first[k + 1]], strict=True)
                         ],
                         "winner_ad_id": winner["ad_id"],
-                        "flags": [*flags[k], "fallback"]
-                        if version == FALLBACK_VERSION
-                        else flags[k],
+                        "flags": [*flags[k], "fallback"] if fallback else flags[k],
                         "timings_ms": timings,
                     },
                 ),
@@ -317,7 +316,7 @@ class Scorer:
                         "format": winner["format"],
                         "event_time": request["event_time"],
                         "model_version": version,
-                        "pctr": p[chosen[k]],
+                        "pctr": p[row],
                         "feature_service": service,
                         "categorical": cat,
                         "numeric": num,
@@ -325,3 +324,22 @@ class Scorer:
                 ),
             ]
         return outputs
+
+
+def winners(bid: np.ndarray, pctr: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Each request's winning row: its highest bid x pCTR, the first of equals.
+
+    Args:
+        bid: (B,) each candidate's bid.
+        pctr: (B,) each candidate's pCTR.
+        bounds: (R + 1,) request k's candidates are rows ``bounds[k]:bounds[k + 1]``, none
+            empty.
+
+    Returns:
+        (R,) row index of each request's winner.
+    """
+    request = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+    # Sorted by request, then by value, highest first; the sort is stable, so equals keep
+    # their order, and NaN sorts last. Each request's first row is then its winner.
+    order = np.lexsort((-(bid * pctr), request))
+    return order[bounds[:-1]]
