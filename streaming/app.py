@@ -383,7 +383,9 @@ class StreamApp:
         on_delivery: Callable[[KafkaError | None, Message], None],
     ) -> None:
         """Queues ``messages`` in order; those refused because the local queue is full are
-        queued again once the broker has caught up, any other refusal raises."""
+        queued again once the broker has caught up, any other refusal raises. Nothing
+        leaves the queue during the call (records leave it when ``poll`` serves their
+        delivery reports), so the refused are the batch's tail and the order holds."""
         while messages:
             self._producer.produce_batch(topic, messages, partition, on_delivery=on_delivery)
             refused = [m for m in messages if "_error" in m]
