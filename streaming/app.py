@@ -386,14 +386,17 @@ class StreamApp:
         queued again once the broker has caught up, any other refusal raises. Nothing
         leaves the queue during the call (records leave it when ``poll`` serves their
         delivery reports), so the refused are the batch's tail and the order holds."""
-        while messages:
-            self._producer.produce_batch(topic, messages, partition, on_delivery=on_delivery)
+        while True:
+            queued = self._producer.produce_batch(
+                topic, messages, partition, on_delivery=on_delivery
+            )
+            if queued == len(messages):
+                return
             refused = [m for m in messages if "_error" in m]
             for message in refused:
                 if message["_error"].code() != KafkaError._QUEUE_FULL:
                     raise KafkaException(message["_error"])
-            if refused:
-                self._producer.poll(0.05)
+            self._producer.poll(0.05)
             messages = [{"key": m["key"], "value": m["value"]} for m in refused]
 
     def _commit_acknowledged(self, wait: bool = False, force: bool = False) -> None:

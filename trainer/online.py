@@ -62,6 +62,7 @@ from trainer.model import masked_bce, select_task
 from trainer.train import to_tensors
 
 log = logging.getLogger(__name__)
+CHECK_ROWS = 64  # rows of the last trained batch a candidate is checked on in Triton
 
 
 @dataclass
@@ -360,9 +361,9 @@ class IncrementalTrainer:
         self.recent.add(x.fmt, x.label, predict(self.model, x))  # test, then train
         self._train(x)
         rows = (x.categorical, x.numeric, x.fmt)
-        if self.check is not None and len(x) < 64:  # a remainder: keep 64 rows to check
+        if self.check is not None and len(x) < CHECK_ROWS:  # a remainder: keep enough rows
             rows = tuple(np.concatenate(pair) for pair in zip(self.check, rows, strict=True))
-        self.check = (rows[0][-64:], rows[1][-64:], rows[2][-64:])
+        self.check = (rows[0][-CHECK_ROWS:], rows[1][-CHECK_ROWS:], rows[2][-CHECK_ROWS:])
         self.learned_clicks += [
             e["impression"]["event_time"] + e["click_delay_ms"]
             for e in train
