@@ -139,13 +139,15 @@ class ScoringSettings(Section):
     guarantee: DeliveryGuarantee = "at-least-once"
     in_flight_batches: int = Field(
         default=4,
-        description="at-least-once: batches whose outputs may await the broker's "
-        "acknowledgement (offsets not yet committed) while the next is scored",
+        description="at-least-once: how many full batches of requests (in_flight_batches x "
+        "batch_size) may await the broker's acknowledgement of their scores, offsets not "
+        "yet committed, while the next is scored; a crash re-scores at most these and the "
+        "batch being scored",
     )
     commit_interval_s: float = Field(
         default=0.1,
         description="at-least-once: least seconds between two offset commits (sooner when "
-        "more than in_flight_batches batches are uncommitted)",
+        "the uncommitted requests exceed in_flight_batches full batches)",
     )
     max_candidates: int = 64
     triton_chunk_requests: int = Field(

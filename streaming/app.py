@@ -70,9 +70,11 @@ class Output(NamedTuple):
 
 @dataclass
 class InFlight:
-    """A batch's offsets, waiting until the broker has acknowledged all its outputs."""
+    """A batch's offsets, waiting until the broker has acknowledged all its outputs;
+    ``records``: how many input records they cover."""
 
     offsets: list[TopicPartition]
+    records: int
     unacknowledged: int = 0
 
 
@@ -160,7 +162,6 @@ class StreamApp:
         commit_interval_s: float = 0.0,
         linger_ms: float = 2.0,
         instance_id: str | None = None,
-        consumer_config: dict[str, Any] | None = None,
     ) -> None:
         if guarantee not in ("at-least-once", "exactly-once"):
             raise ValueError(f"unknown delivery guarantee {guarantee!r}")
@@ -174,6 +175,7 @@ class StreamApp:
         self.in_flight_batches = in_flight_batches
         self.commit_interval_s = commit_interval_s
         self._in_flight: deque[InFlight] = deque()
+        self._uncommitted = 0  # input records of the batches in _in_flight
         self._last_commit = 0.0
         self.counters = {
             "consumed": 0,
@@ -192,7 +194,6 @@ class StreamApp:
                 "max.poll.interval.ms": 60_000,
                 "session.timeout.ms": 10_000,  # a dead worker's partitions move within 10 s
                 **({"group.instance.id": instance_id} if instance_id else {}),
-                **(consumer_config or {}),
             }
         )
         producer_config: dict[str, Any] = {
@@ -260,7 +261,7 @@ class StreamApp:
                     continue
                 result.dead_letters.extend(bad)
                 if messages or result.outputs or result.dead_letters:
-                    self.checkpoint(result, commit_policy(records))
+                    self.checkpoint(result, commit_policy(records), len(messages))
                 elif self._in_flight:  # idle: commit what has been acknowledged since
                     self._producer.poll(0)
                     self._commit_acknowledged()
@@ -315,7 +316,7 @@ class StreamApp:
             )
         return records, bad
 
-    def checkpoint(self, result: BatchResult, offsets: list[TopicPartition]) -> None:
+    def checkpoint(self, result: BatchResult, offsets: list[TopicPartition], records: int) -> None:
         """Makes one batch durable.
 
         exactly-once: begin a transaction, produce the outputs and dead letters, send the
@@ -324,8 +325,11 @@ class StreamApp:
 
         at-least-once: produce the outputs and dead letters, then commit the offsets of
         every batch, in order, whose outputs the broker has acknowledged (when the commit
-        interval has passed). When more than ``in_flight_batches`` are uncommitted, commit
-        now, waiting for the oldest's acknowledgements if need be.
+        interval has passed). When the uncommitted batches cover more than
+        ``in_flight_batches`` full batches of input records, commit now, waiting for the
+        oldest's acknowledgements if need be. The bound is in records, not batches, so
+        that it bounds the duplicates a crash can cause, and so that the many small
+        batches of a low rate are committed at the interval, not every few batches.
         """
         if self.guarantee == "exactly-once":
             self._producer.begin_transaction()
@@ -340,12 +344,14 @@ class StreamApp:
                 self._producer.abort_transaction(30)
                 raise
         else:
-            batch = InFlight(offsets)
+            batch = InFlight(offsets, records)
             self._produce_all(result, batch)
             self._in_flight.append(batch)
+            self._uncommitted += records
             self._producer.poll(0)
-            self._commit_acknowledged(force=len(self._in_flight) > self.in_flight_batches)
-            while len(self._in_flight) > self.in_flight_batches:
+            most = self.in_flight_batches * self.batch_size
+            self._commit_acknowledged(force=self._uncommitted > most)
+            while self._uncommitted > most:
                 self._producer.poll(0.005)
                 self._commit_acknowledged(force=True)
         self.counters["batches"] += 1
@@ -408,7 +414,9 @@ class StreamApp:
             return
         done: dict[tuple[str, int], int] = {}
         while self._in_flight and self._in_flight[0].unacknowledged == 0:
-            for tp in self._in_flight.popleft().offsets:
+            batch = self._in_flight.popleft()
+            self._uncommitted -= batch.records
+            for tp in batch.offsets:
                 done[(tp.topic, tp.partition)] = tp.offset
         if done:
             self._last_commit = now

@@ -36,8 +36,8 @@ def read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 20.0)
     return values
 
 
-# 3600 s: no commit is due by time, so offsets are committed only when more than
-# in_flight_batches wait, and when the app stops.
+# 3600 s: no commit is due by time, so offsets are committed only when the uncommitted
+# records exceed in_flight_batches full batches, and when the app stops.
 @pytest.mark.parametrize("commit_interval_s", [0.0, 3600.0])
 def test_passthrough_app_delivers_everything_and_dead_letters_garbage(services, commit_interval_s):
     _, endpoints = services
