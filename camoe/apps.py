@@ -101,7 +101,7 @@ def run_scoring(settings: Settings, stop: Event) -> None:
         endpoints.triton,
         settings.triton.model_name,
         settings.triton.timeout_s,
-        max_in_flight=-(-s.batch_size // s.triton_chunk_requests),  # a whole batch's chunks
+        max_in_flight=2,  # the wave being scored and the next (consumers/scoring.py)
     )
     app = _app(
         settings,

@@ -151,9 +151,9 @@ class ScoringSettings(Section):
     )
     max_candidates: int = 64
     triton_chunk_requests: int = Field(
-        default=64,
-        description="requests per Triton call: a batch's calls go out together, and the "
-        "outputs of one are built while Triton scores the next",
+        default=128,
+        description="requests per Triton call (a wave): while Triton scores one wave of a "
+        "batch, the scorer prepares the next and builds the previous one's outputs",
     )
     triton_retries: int = 3
     triton_backoff_s: float = Field(default=0.05, description="doubles after each retry")

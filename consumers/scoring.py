@@ -4,11 +4,11 @@ the feature log.
 Per batch of requests (what has arrived, up to ``scoring.batch_size``): validate each
 request; read the features of its distinct users and ads from the online store
 (camoe/feature_store.py) and build every candidate's model inputs with numpy
-(camoe/features.py); send the candidates to Triton in chunks of
-``scoring.triton_chunk_requests`` requests, all calls in flight at once, and while Triton
-scores one chunk build the previous one's outputs; rank each request's candidates by
-bid x pCTR; produce its ad-scores record and the feature-log row of the winner (the
-features the model saw, for training).
+(camoe/features.py) and send them to Triton, in waves of
+``scoring.triton_chunk_requests`` requests: while Triton scores one wave, the next one's
+features and inputs are prepared and the previous one's outputs built; rank each
+request's candidates by bid x pCTR; produce its ad-scores record and the feature-log
+row of the winner (the features the model saw, for training).
 
 Delivery guarantee: the StreamApp's (at-least-once by default: a request re-read after a
 crash is scored again, and both records carry its request id as key).
@@ -20,7 +20,7 @@ import logging
 import time
 from collections import Counter
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,6 +44,20 @@ TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLE
 
 def _transient(failure: InferenceServerException) -> bool:
     return any(code in str(failure.status()) for code in TRANSIENT)
+
+
+class Wave(NamedTuple):
+    """Part of a batch sent to Triton: its requests, their model inputs (request k's
+    candidates are rows ``bounds[k]:bounds[k + 1]``), flags, the pending call (None: not
+    sent, to be retried) and when its preparation started and ended."""
+
+    requests: list[Record]
+    encoded: Encoded
+    bounds: np.ndarray
+    flags: list[list[str]]
+    call: Future[tuple[np.ndarray, str]] | None
+    started: float
+    features_done: float
 
 
 class ModelRejected(Exception):
@@ -144,55 +158,51 @@ class Scorer:
         self.metrics.dead_letters.inc(len(result.dead_letters))
         if not requests:
             return result
-        values = [r.value for r in requests]
-        users, ads = self.features.read(
-            (v["user_id"] for v in values), (c["ad_id"] for v in values for c in v["candidates"])
-        )
-        encoded = self.layout.encode(values, users, ads)
-        features_done = time.perf_counter()
-        flags = self._flags(encoded, len(requests))
-        starts = np.searchsorted(encoded.request, np.arange(len(requests) + 1))
-        # Every chunk's call goes out at once; while Triton scores one, the previous one's
-        # outputs are built.
+        # The batch goes to Triton in waves of triton_chunk_requests requests: the next
+        # wave's features and model inputs are prepared while Triton scores this one, and
+        # this one's outputs are built while Triton scores the next. (Sent all at once, the
+        # waves were merged by Triton's batcher, and the loop waited a quarter of its time
+        # at saturation.)
         size = self.settings.scoring.triton_chunk_requests
-        chunks = [(k, min(k + size, len(requests))) for k in range(0, len(requests), size)]
-        inputs = [
-            tuple(
-                a[starts[i] : starts[j]]
-                for a in (encoded.categorical, encoded.numeric, encoded.fmt)
-            )
-            for i, j in chunks
-        ]
-        calls = [self._submit(*chunk) for chunk in inputs]
+        waves = [requests[k : k + size] for k in range(0, len(requests), size)]
+        sent = self._send(waves[0], started)
         observed = []
-        for (i, j), chunk, call in zip(chunks, inputs, calls, strict=True):
+        for k in range(len(waves)):
+            wave = sent
+            if k + 1 < len(waves):
+                sent = self._send(waves[k + 1], time.perf_counter())
+            x = wave.encoded
             try:
-                pctr, version = self._result(call, *chunk)
+                pctr, version = self._result(wave.call, x.categorical, x.numeric, x.fmt)
             except ModelRejected as error:
                 return self._isolate(
                     requests, str(error), BatchResult(dead_letters=result.dead_letters)
                 )
             done = time.perf_counter()
             timings = {
-                "features": (features_done - started) * 1000,
-                "inference": (done - features_done) * 1000,
+                "features": (wave.features_done - wave.started) * 1000,
+                "inference": (done - wave.features_done) * 1000,
                 "total": (done - started) * 1000,
             }
-            result.outputs += self._outputs(
-                requests[i:j],
-                starts[i : j + 1] - starts[i],
-                pctr,
-                encoded.bid[starts[i] : starts[j]],
-                chunk[0],
-                chunk[1],
-                flags[i:j],
-                version,
-                timings,
-            )
-            observed.append((requests[i:j], int(starts[j] - starts[i]), timings, version))
+            result.outputs += self._outputs(wave, pctr, version, timings)
+            observed.append((wave.requests, len(x.bid), timings, version))
         for chunk in observed:  # once the whole batch is scored (a rejection re-scores it)
             self._observe(*chunk)
         return result
+
+    def _send(self, requests: list[Record], started: float) -> Wave:
+        """Reads the features of ``requests``, builds their model inputs and sends them to
+        Triton without waiting."""
+        values = [r.value for r in requests]
+        users, ads = self.features.read(
+            (v["user_id"] for v in values), (c["ad_id"] for v in values for c in v["candidates"])
+        )
+        encoded = self.layout.encode(values, users, ads)
+        features_done = time.perf_counter()
+        call = self._submit(encoded.categorical, encoded.numeric, encoded.fmt)
+        bounds = np.searchsorted(encoded.request, np.arange(len(requests) + 1))
+        flags = self._flags(encoded, len(requests))
+        return Wave(requests, encoded, bounds, flags, call, started, features_done)
 
     def _submit(
         self, categorical: np.ndarray, numeric: np.ndarray, fmt: np.ndarray
@@ -255,30 +265,22 @@ class Scorer:
             m.model_version.set(int(version))
 
     def _outputs(
-        self,
-        requests: list[Record],
-        bounds: np.ndarray,
-        pctr: np.ndarray,
-        bid: np.ndarray,
-        categorical: np.ndarray,
-        numeric: np.ndarray,
-        flags: list[list[str]],
-        version: str,
-        timings: dict[str, float],
+        self, wave: Wave, pctr: np.ndarray, version: str, timings: dict[str, float]
     ) -> list[Output]:
-        """Each request's ad-scores record and its winner's feature-log row; request k's
-        candidates are rows ``bounds[k]:bounds[k + 1]`` of the arrays."""
-        chosen = winners(bid, pctr, bounds)
+        """Each request's ad-scores record and its winner's feature-log row; ``pctr`` (B,)
+        has a row per candidate of the wave."""
+        x, flags = wave.encoded, wave.flags
+        chosen = winners(x.bid, pctr, wave.bounds)
         p = pctr.tolist()
-        first = bounds.tolist()
+        first = wave.bounds.tolist()
         # The winners' feature rows, converted in one call rather than one per request.
         logged = zip(
-            chosen.tolist(), categorical[chosen].tolist(), numeric[chosen].tolist(), strict=True
+            chosen.tolist(), x.categorical[chosen].tolist(), x.numeric[chosen].tolist(), strict=True
         )
         service = self.settings.feast.feature_service
         fallback = version == FALLBACK_VERSION
         outputs = []
-        for k, (record, (row, cat, num)) in enumerate(zip(requests, logged, strict=True)):
+        for k, (record, (row, cat, num)) in enumerate(zip(wave.requests, logged, strict=True)):
             request = record.value
             candidates = request["candidates"]
             winner = candidates[row - first[k]]

@@ -332,7 +332,9 @@ def test_malformed_input_is_dead_lettered_or_flagged_never_fatal(world):
     topics = settings.kafka.topics
     source = f"fuzz-requests-{uuid.uuid4().hex[:6]}"  # holds only this test's records
     create_topics(endpoints.kafka, [TopicSpec(name=source, partitions=4)])
-    scorer = _scorer(settings, server)
+    # Waves of 16: a batch of 64 goes to Triton in four, good and bad requests mixed.
+    waves = settings.scoring.model_copy(update={"triton_chunk_requests": 16})
+    scorer = _scorer(settings.model_copy(update={"scoring": waves}), server)
     app = StreamApp(
         "scoring",
         endpoints.kafka,
