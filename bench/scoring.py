@@ -131,7 +131,7 @@ class ScoreReader:
         self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         self.received: dict[str, tuple[float, int]] = {}
         self.produced: dict[str, int] = {}
-        self.stages: list[dict[str, float]] = []  # the scorer's own per-batch timings
+        self.stages: list[dict[str, float]] = []  # the scorer's own per-wave timings
 
     def read_until(self, expected: set[str], timeout_s: float, decode_every: int = 1) -> None:
         """Reads until every id of ``expected`` has its scores; decodes one record in
@@ -427,7 +427,7 @@ def run(
         )
         reader.read_until({r["request_id"] for r in backlog}, 120, decode_every=50)
         reader.close()
-        # Each request of a batch carries that batch's timings: weight by request.
+        # Each request of a wave carries that wave's timings: weight by request.
         stages = {k: float(np.mean([t[k] for t in reader.stages])) for k in reader.stages[0]}
         times = [reader.produced[r["request_id"]] for r in backlog]
         saturation = requests / ((max(times) - min(times)) / 1000)
@@ -456,7 +456,7 @@ def run(
             "candidates_per_request": per_request,
             "batch_size": batch,
             "saturation": {"requests_per_s": saturation, "candidates_per_s": pipeline_candidates},
-            "scorer_batch_stage_ms_at_saturation": stages,
+            "scorer_wave_stage_ms_at_saturation": stages,
             "fixed_load": {
                 "offered_requests_per_s": rate,
                 "warmup_s": warmup_s,

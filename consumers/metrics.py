@@ -38,7 +38,8 @@ class ScoringMetrics:
         )
         self.stage_ms = Histogram(
             "camoe_scoring_stage_ms",
-            "Per-batch stage latency",
+            "Per-wave stage latency (features: reading and encoding a wave; inference: "
+            "sending it to having its scores; total: its batch's start to its scores)",
             ["stage"],
             buckets=LATENCY_BUCKETS_MS,
             registry=r,

@@ -48,14 +48,14 @@ def _transient(failure: InferenceServerException) -> bool:
 
 class Wave(NamedTuple):
     """Part of a batch sent to Triton: its requests, their model inputs (request k's
-    candidates are rows ``bounds[k]:bounds[k + 1]``), flags, the pending call (None: not
-    sent, to be retried) and when its preparation started and ended."""
+    candidates are rows ``bounds[k]:bounds[k + 1]``), flags, the pending call, and when
+    its preparation started and ended."""
 
     requests: list[Record]
     encoded: Encoded
     bounds: np.ndarray
     flags: list[list[str]]
-    call: Future[tuple[np.ndarray, str]] | None
+    call: Future[tuple[np.ndarray, str]]
     started: float
     features_done: float
 
@@ -112,18 +112,18 @@ class Scorer:
             f"Triton unavailable after {s.triton_retries} tries: {error}", s.hold_retry_s
         )
 
-    def _isolate(self, requests: list[Record], reason: str, result: BatchResult) -> BatchResult:
-        """Triton rejected the batch's inputs: score each request alone, so only the
-        request that cannot be scored goes to the dead-letter topic (no poison pill)."""
+    def _isolate(self, requests: list[Record], reason: str, result: BatchResult) -> None:
+        """Triton rejected a wave's inputs: score each of its requests alone, so only the
+        request that cannot be scored goes to the dead-letter topic (no poison pill); adds
+        their outputs and dead letters to ``result``."""
         if len(requests) == 1:
             result.dead_letters.append((requests[0], f"model rejected the request: {reason}"))
             self.metrics.dead_letters.inc()
-            return result
+            return
         for record in requests:
             alone = self([record])
             result.outputs += alone.outputs
             result.dead_letters += alone.dead_letters
-        return result
 
     def check(self, request: dict[str, Any]) -> None:
         candidates = request["candidates"]
@@ -161,11 +161,11 @@ class Scorer:
         # The batch goes to Triton in waves of triton_chunk_requests requests: the next
         # wave's features and model inputs are prepared while Triton scores this one, and
         # this one's outputs are built while Triton scores the next. (Sent all at once, the
-        # waves were merged by Triton's batcher, and the loop waited a quarter of its time
+        # chunks were merged by Triton's batcher, and the loop waited a quarter of its time
         # at saturation.)
         size = self.settings.scoring.triton_chunk_requests
         waves = [requests[k : k + size] for k in range(0, len(requests), size)]
-        sent = self._send(waves[0], started)
+        sent = self._send(waves[0], time.perf_counter())
         observed = []
         for k in range(len(waves)):
             wave = sent
@@ -175,9 +175,8 @@ class Scorer:
             try:
                 pctr, version = self._result(wave.call, x.categorical, x.numeric, x.fmt)
             except ModelRejected as error:
-                return self._isolate(
-                    requests, str(error), BatchResult(dead_letters=result.dead_letters)
-                )
+                self._isolate(wave.requests, str(error), result)
+                continue
             done = time.perf_counter()
             timings = {
                 "features": (wave.features_done - wave.started) * 1000,
@@ -186,8 +185,9 @@ class Scorer:
             }
             result.outputs += self._outputs(wave, pctr, version, timings)
             observed.append((wave.requests, len(x.bid), timings, version))
-        for chunk in observed:  # once the whole batch is scored (a rejection re-scores it)
-            self._observe(*chunk)
+        self.metrics.batch_size.observe(len(requests))
+        for scored in observed:
+            self._observe(*scored)
         return result
 
     def _send(self, requests: list[Record], started: float) -> Wave:
@@ -199,36 +199,27 @@ class Scorer:
         )
         encoded = self.layout.encode(values, users, ads)
         features_done = time.perf_counter()
-        call = self._submit(encoded.categorical, encoded.numeric, encoded.fmt)
+        call = self.triton.infer_async(encoded.categorical, encoded.numeric, encoded.fmt)
         bounds = np.searchsorted(encoded.request, np.arange(len(requests) + 1))
         flags = self._flags(encoded, len(requests))
         return Wave(requests, encoded, bounds, flags, call, started, features_done)
 
-    def _submit(
-        self, categorical: np.ndarray, numeric: np.ndarray, fmt: np.ndarray
-    ) -> Future[tuple[np.ndarray, str]] | None:
-        try:
-            return self.triton.infer_async(categorical, numeric, fmt)
-        except InferenceServerException:  # not even sent: ``_result`` retries it
-            return None
-
     def _result(
         self,
-        call: Future[tuple[np.ndarray, str]] | None,
+        call: Future[tuple[np.ndarray, str]],
         categorical: np.ndarray,
         numeric: np.ndarray,
         fmt: np.ndarray,
     ) -> tuple[np.ndarray, str]:
         """A call's pCTR and version; on a transient failure, ``_infer`` (retries, then the
         policy) for the same rows."""
-        if call is not None:
-            try:
-                return call.result(self.triton.timeout_s + 5)
-            except InferenceServerException as failure:
-                if not _transient(failure):
-                    raise ModelRejected(str(failure)) from None
-            except TimeoutError:  # no answer, not even the client's own deadline
-                pass
+        try:
+            return call.result(self.triton.timeout_s + 5)
+        except InferenceServerException as failure:
+            if not _transient(failure):
+                raise ModelRejected(str(failure)) from None
+        except TimeoutError:  # no answer, not even the client's own deadline
+            pass
         return self._infer(categorical, numeric, fmt)
 
     @staticmethod
@@ -252,7 +243,6 @@ class Scorer:
         m = self.metrics
         m.requests.inc(len(requests))
         m.candidates.inc(candidates)
-        m.batch_size.observe(len(requests))
         for stage, ms in timings.items():
             m.stage_ms.labels(stage).observe(ms)
         now_ms = time.time() * 1000

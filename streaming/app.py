@@ -13,11 +13,12 @@ Delivery guarantees (``guarantee``):
 
 * ``at-least-once`` (default): a batch's consumed offsets are committed only once the
   broker has acknowledged every output of it and of every batch before it. The app does
-  not wait for that: it goes on with the next batches while up to ``in_flight_batches``
-  wait, and commits (asynchronously) what has been acknowledged, at most every
-  ``commit_interval_s`` unless more than ``in_flight_batches`` are uncommitted. A crash
-  re-delivers the batches not yet committed (at most ``in_flight_batches`` + 1); outputs
-  are keyed by request id so a downstream reader can recognise the duplicates.
+  not wait for that: it goes on with the next batches while batches holding up to
+  ``in_flight_batches`` x ``batch_size`` input records wait, and commits (asynchronously)
+  what has been acknowledged, at most every ``commit_interval_s`` unless more records than
+  that are uncommitted. A crash re-delivers the records not yet committed (at most
+  (``in_flight_batches`` + 1) x ``batch_size``); outputs are keyed by request id so a
+  downstream reader can recognise the duplicates.
 * ``exactly-once``: one transactional producer per worker; the outputs and the consumed
   offsets are committed in one Kafka transaction, and a failed batch is aborted and
   re-read. Readers must use ``isolation.level=read_committed``.
@@ -135,8 +136,10 @@ class StreamApp:
         guarantee: ``at-least-once`` or ``exactly-once``.
         batch_size: most records per ``consume`` call.
         poll_timeout_s: how long ``consume`` waits for the first record.
-        in_flight_batches: at-least-once, how many batches may stay uncommitted while the
-            next is processed (0: wait for the acknowledgements after each batch).
+        in_flight_batches: at-least-once, how many full batches of input records
+            (``in_flight_batches`` x ``batch_size``) may stay uncommitted while the next
+            batch is processed (0: wait for the acknowledgements of each batch that
+            consumed records).
         commit_interval_s: at-least-once, the least time between two commits. Each commit
             is a request the broker writes to its offsets log: committing each of a hundred
             small batches a second took a fifth of the broker's CPU here.
@@ -261,7 +264,7 @@ class StreamApp:
                     continue
                 result.dead_letters.extend(bad)
                 if messages or result.outputs or result.dead_letters:
-                    self.checkpoint(result, commit_policy(records), len(messages))
+                    self.checkpoint(result, commit_policy(records), len(records) + len(bad))
                 elif self._in_flight:  # idle: commit what has been acknowledged since
                     self._producer.poll(0)
                     self._commit_acknowledged()

@@ -332,7 +332,8 @@ def test_malformed_input_is_dead_lettered_or_flagged_never_fatal(world):
     topics = settings.kafka.topics
     source = f"fuzz-requests-{uuid.uuid4().hex[:6]}"  # holds only this test's records
     create_topics(endpoints.kafka, [TopicSpec(name=source, partitions=4)])
-    # Waves of 16: a batch of 64 goes to Triton in four, good and bad requests mixed.
+    # Waves of 16: the requests of a batch of 64 that pass validation (flagged strangers
+    # among them) go to Triton in up to four waves, the last one short.
     waves = settings.scoring.model_copy(update={"triton_chunk_requests": 16})
     scorer = _scorer(settings.model_copy(update={"scoring": waves}), server)
     app = StreamApp(
