@@ -165,15 +165,14 @@ class Scorer:
         # at saturation.)
         size = self.settings.scoring.triton_chunk_requests
         waves = [requests[k : k + size] for k in range(0, len(requests), size)]
-        sent = self._send(waves[0], time.perf_counter())
+        sent = self._send(waves[0])
         observed = []
         for k in range(len(waves)):
             wave = sent
             if k + 1 < len(waves):
-                sent = self._send(waves[k + 1], time.perf_counter())
-            x = wave.encoded
+                sent = self._send(waves[k + 1])
             try:
-                pctr, version = self._result(wave.call, x.categorical, x.numeric, x.fmt)
+                pctr, version = self._result(wave)
             except ModelRejected as error:
                 self._isolate(wave.requests, str(error), result)
                 continue
@@ -184,15 +183,16 @@ class Scorer:
                 "total": (done - started) * 1000,
             }
             result.outputs += self._outputs(wave, pctr, version, timings)
-            observed.append((wave.requests, len(x.bid), timings, version))
+            observed.append((wave.requests, len(pctr), timings, version))
         self.metrics.batch_size.observe(len(requests))
         for scored in observed:
             self._observe(*scored)
         return result
 
-    def _send(self, requests: list[Record], started: float) -> Wave:
+    def _send(self, requests: list[Record]) -> Wave:
         """Reads the features of ``requests``, builds their model inputs and sends them to
         Triton without waiting."""
+        started = time.perf_counter()
         values = [r.value for r in requests]
         users, ads = self.features.read(
             (v["user_id"] for v in values), (c["ad_id"] for v in values for c in v["candidates"])
@@ -204,23 +204,18 @@ class Scorer:
         flags = self._flags(encoded, len(requests))
         return Wave(requests, encoded, bounds, flags, call, started, features_done)
 
-    def _result(
-        self,
-        call: Future[tuple[np.ndarray, str]],
-        categorical: np.ndarray,
-        numeric: np.ndarray,
-        fmt: np.ndarray,
-    ) -> tuple[np.ndarray, str]:
-        """A call's pCTR and version; on a transient failure, ``_infer`` (retries, then the
+    def _result(self, wave: Wave) -> tuple[np.ndarray, str]:
+        """A wave's pCTR and version; on a transient failure, ``_infer`` (retries, then the
         policy) for the same rows."""
         try:
-            return call.result(self.triton.timeout_s + 5)
+            return wave.call.result(self.triton.timeout_s + 5)
         except InferenceServerException as failure:
             if not _transient(failure):
                 raise ModelRejected(str(failure)) from None
         except TimeoutError:  # no answer, not even the client's own deadline
             pass
-        return self._infer(categorical, numeric, fmt)
+        x = wave.encoded
+        return self._infer(x.categorical, x.numeric, x.fmt)
 
     @staticmethod
     def _flags(encoded: Encoded, requests: int) -> list[list[str]]:

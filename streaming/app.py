@@ -178,7 +178,6 @@ class StreamApp:
         self.in_flight_batches = in_flight_batches
         self.commit_interval_s = commit_interval_s
         self._in_flight: deque[InFlight] = deque()
-        self._uncommitted = 0  # input records of the batches in _in_flight
         self._last_commit = 0.0
         self.counters = {
             "consumed": 0,
@@ -350,11 +349,10 @@ class StreamApp:
             batch = InFlight(offsets, records)
             self._produce_all(result, batch)
             self._in_flight.append(batch)
-            self._uncommitted += records
             self._producer.poll(0)
             most = self.in_flight_batches * self.batch_size
-            self._commit_acknowledged(force=self._uncommitted > most)
-            while self._uncommitted > most:
+            self._commit_acknowledged(force=self._uncommitted() > most)
+            while self._uncommitted() > most:
                 self._producer.poll(0.005)
                 self._commit_acknowledged(force=True)
         self.counters["batches"] += 1
@@ -417,9 +415,7 @@ class StreamApp:
             return
         done: dict[tuple[str, int], int] = {}
         while self._in_flight and self._in_flight[0].unacknowledged == 0:
-            batch = self._in_flight.popleft()
-            self._uncommitted -= batch.records
-            for tp in batch.offsets:
+            for tp in self._in_flight.popleft().offsets:
                 done[(tp.topic, tp.partition)] = tp.offset
         if done:
             self._last_commit = now
@@ -427,6 +423,10 @@ class StreamApp:
                 offsets=[TopicPartition(t, p, o) for (t, p), o in done.items()],
                 asynchronous=not wait,
             )
+
+    def _uncommitted(self) -> int:
+        """Input records of the batches not yet committed."""
+        return sum(batch.records for batch in self._in_flight)
 
     def _check_deliveries(self) -> None:
         if self._delivery_errors:
