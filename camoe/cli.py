@@ -68,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--warmup",
         type=float,
-        default=30.0,
+        default=60.0,
         help="scoring: seconds of offered load before the measured ones",
     )
     bench.add_argument(
         "--seconds",
         type=float,
         default=None,
-        help="scoring: duration of the offered load (20); freshness: of traffic (demo.duration_s)",
+        help="scoring: measured seconds of load (30); freshness: of traffic (demo.duration_s)",
     )
     bench.add_argument(
         "--sim-config",
@@ -159,7 +159,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             args.out,
             args.requests,
             args.rate,
-            args.seconds if args.seconds is not None else 20.0,
+            args.seconds if args.seconds is not None else 30.0,
             progress=lambda line: print(line, flush=True),
             warmup_s=args.warmup,
         )

@@ -24,9 +24,12 @@ def test_scoring_benchmark_writes_its_results(services, tmp_path):
     saved = json.loads((tmp_path / "scoring.json").read_text())
     assert saved == json.loads(json.dumps(result))
     assert saved["saturation"]["requests_per_s"] > 0
-    assert saved["fixed_load"]["p50_ms"] <= saved["fixed_load"]["p99_ms"]
-    cpu = saved["fixed_load"]["cpu"]  # the machine's state while the latency was timed
+    fixed = saved["fixed_load"]
+    assert fixed["p50_ms"] <= fixed["p99_ms"]
+    assert len(fixed["p99_ms_by_10s"]) == 1 and fixed["p99_ms_by_10s"][0] == fixed["p99_ms"]
+    cpu = fixed["cpu"]  # the machine's state while the latency was timed
     assert 0 < cpu["busy_pct"] <= 100 and 0 <= cpu["steal_pct"] < 100
+    assert len(cpu["steal_pct_by_10s"]) == 1
     for name in ("kafka_passthrough", "model_forward", "redis_read"):
         ratio = saved["ratios_pipeline_to_floor"][name]
         assert math.isfinite(ratio) and ratio > 0, name
