@@ -47,7 +47,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer
 from camoe.features import FeatureLayout
 from camoe.pipeline import prepare, run_topics, write_settings
 from camoe.settings import Settings, TopicSpec
-from services.kafka import create_topics
+from services.kafka import committed_offsets, create_topics
 from services.stack import Endpoints, Stack
 from simulator.traffic import World
 from streaming.app import consume_batch
@@ -239,26 +239,23 @@ def _wait_for_drain(
     offsets (no records are fetched)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
     try:
-        partitions = [
-            TopicPartition(topic, p)
-            for p in consumer.list_topics(topic, 10).topics[topic].partitions
-        ]
-        ends = [consumer.get_watermark_offsets(p, 10)[1] for p in partitions]
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if scorer.poll() is not None:
-                raise RuntimeError(f"the scorer exited with code {scorer.returncode}")
-            try:
-                committed = [p.offset for p in consumer.committed(partitions, 10)]
-            except KafkaException as error:  # the coordinator busy: ask again
-                log.warning("committed offsets: %s", error)
-                committed = []
-            if committed and all(e == 0 or c >= e for c, e in zip(committed, ends, strict=True)):
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"the scorer did not drain {topic} within {timeout_s:.0f}s")
+        partitions = consumer.list_topics(topic, 10).topics[topic].partitions
+        ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1] for p in partitions]
     finally:
         consumer.close()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if scorer.poll() is not None:
+            raise RuntimeError(f"the scorer exited with code {scorer.returncode}")
+        try:
+            committed = committed_offsets(bootstrap, group_id, topic)
+        except KafkaException as error:  # the coordinator busy: ask again
+            log.warning("committed offsets: %s", error)
+            committed = []
+        if committed and all(e == 0 or c >= e for c, e in zip(committed, ends, strict=True)):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the scorer did not drain {topic} within {timeout_s:.0f}s")
 
 
 def _stop_scorer(scorer: subprocess.Popen[bytes]) -> None:

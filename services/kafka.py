@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from camoe.settings import ROOT, KafkaSettings, TopicSpec
@@ -183,6 +183,19 @@ def group_members(bootstrap: str, group_id: str, timeout_s: float = 5.0) -> int:
     description = admin.describe_consumer_groups([group_id], request_timeout=timeout_s)[group_id]
     group = description.result(timeout_s)
     return len(group.members) if group.state == ConsumerGroupState.STABLE else 0
+
+
+def committed_offsets(
+    bootstrap: str, group_id: str, topic: str, timeout_s: float = 10.0
+) -> list[int]:
+    """``group_id``'s committed offset of each partition of ``topic`` (negative: none)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
+    try:
+        partitions = consumer.list_topics(topic, timeout_s).topics[topic].partitions
+        committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout_s)
+        return [p.offset for p in committed]
+    finally:
+        consumer.close()
 
 
 def read_committed(

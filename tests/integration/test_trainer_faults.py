@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from camoe.pipeline import write_settings
 from camoe.settings import Settings
-from services.kafka import create_topics, read_committed
+from services.kafka import committed_offsets, create_topics, read_committed
 from services.triton import TritonClient
 from simulator.traffic import World
 from streaming.avro import AvroCodec
@@ -174,17 +174,6 @@ def _checkpoint_with(
         process.wait(60)
 
 
-def _committed(bootstrap: str, group_id: str, topic: str) -> list[int]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
-    try:
-        partitions = consumer.list_topics(topic, 10).topics[topic].partitions
-        return [
-            p.offset for p in consumer.committed([TopicPartition(topic, p) for p in partitions])
-        ]
-    finally:
-        consumer.close()
-
-
 def test_sigkill_before_the_first_checkpoint_loses_no_event(trainer_world, tmp_path):
     """The group's committed offsets are the checkpoint's: a trainer killed after reading
     (and before checkpointing) leaves none, so its successor reads every event again."""
@@ -214,11 +203,14 @@ def test_sigkill_before_the_first_checkpoint_loses_no_event(trainer_world, tmp_p
         process.send_signal(signal.SIGKILL)
         process.wait()
         assert Checkpoint.load(s.trainer.checkpoint_dir / "trainer.pt") is None
-        assert all(o < 0 for o in _committed(endpoints.kafka, s.trainer.group_id, topic))
+        assert all(o < 0 for o in committed_offsets(endpoints.kafka, s.trainer.group_id, topic))
 
         process = _start_trainer(write_settings(s, tmp_path / "settings.yaml"), endpoints, log)
         saved = _checkpoint_with(
             s.trainer.checkpoint_dir / "trainer.pt", 2_000, process, log_path, 180
         )
     assert saved.events == 2_000
-    assert sum(max(o, 0) for o in _committed(endpoints.kafka, s.trainer.group_id, topic)) == 2_000
+    assert (
+        sum(max(o, 0) for o in committed_offsets(endpoints.kafka, s.trainer.group_id, topic))
+        == 2_000
+    )
