@@ -517,7 +517,9 @@ def run(
         for name, value in result["floors"].items():
             progress(f"  {name}: {value:.0f}")
         (out / "scoring.json").write_text(json.dumps(result, indent=2))
-        plot_latency(latencies, rate, out / "latency.png")
+        plot_latency(
+            latencies, rate, p99_by_10s, cpu.get("steal_pct_by_10s", []), out / "latency.png"
+        )
         progress(f"written: {out / 'scoring.json'}, {out / 'latency.png'}")
         return result
     finally:
@@ -527,13 +529,23 @@ def run(
             stack.down()
 
 
-def plot_latency(latencies: np.ndarray, rate: float, path: Path) -> None:
+def plot_latency(
+    latencies: np.ndarray,
+    rate: float,
+    p99_by_window: list[float],
+    steal_by_window: list[float],
+    path: Path,
+) -> None:
+    """The latency histogram, and beside it each 10 s window's p99 with the share of time
+    the hypervisor stole in it (the tail on this machine follows it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, by_window) = plt.subplots(
+        1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]}
+    )
     top = float(np.percentile(latencies, 99.9))
     ax.hist(latencies[latencies <= top], bins=60, color="steelblue")
     for q, style in ((50, "-"), (99, "--")):
@@ -543,6 +555,18 @@ def plot_latency(latencies: np.ndarray, rate: float, path: Path) -> None:
     ax.set_ylabel("requests")
     ax.set_title(f"Scoring latency at {rate:.0f} requests/s")
     ax.legend()
+
+    starts = [WINDOW_S * k for k in range(len(p99_by_window))]
+    by_window.bar(starts, p99_by_window, width=WINDOW_S * 0.8, align="edge", color="steelblue")
+    by_window.set_xlabel("seconds into the measured load")
+    by_window.set_ylabel("p99 (ms)", color="steelblue")
+    by_window.set_title(f"p99 and time stolen, per {WINDOW_S} s")
+    if steal_by_window:
+        stolen = by_window.twinx()
+        middles = [s + WINDOW_S * 0.4 for s in starts[: len(steal_by_window)]]
+        stolen.plot(middles, steal_by_window, "o-", color="darkorange")
+        stolen.set_ylabel("time stolen by the hypervisor (%)", color="darkorange")
+        stolen.set_ylim(bottom=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
