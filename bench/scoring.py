@@ -241,21 +241,21 @@ def _wait_for_drain(
     try:
         partitions = consumer.list_topics(topic, 10).topics[topic].partitions
         ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1] for p in partitions]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if scorer.poll() is not None:
+                raise RuntimeError(f"the scorer exited with code {scorer.returncode}")
+            try:
+                committed = committed_offsets(consumer, topic)
+            except KafkaException as error:  # the coordinator busy: ask again
+                log.warning("committed offsets: %s", error)
+                committed = []
+            if committed and all(e == 0 or c >= e for c, e in zip(committed, ends, strict=True)):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"the scorer did not drain {topic} within {timeout_s:.0f}s")
     finally:
         consumer.close()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if scorer.poll() is not None:
-            raise RuntimeError(f"the scorer exited with code {scorer.returncode}")
-        try:
-            committed = committed_offsets(bootstrap, group_id, topic)
-        except KafkaException as error:  # the coordinator busy: ask again
-            log.warning("committed offsets: %s", error)
-            committed = []
-        if committed and all(e == 0 or c >= e for c, e in zip(committed, ends, strict=True)):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"the scorer did not drain {topic} within {timeout_s:.0f}s")
 
 
 def _stop_scorer(scorer: subprocess.Popen[bytes]) -> None:

@@ -185,17 +185,12 @@ def group_members(bootstrap: str, group_id: str, timeout_s: float = 5.0) -> int:
     return len(group.members) if group.state == ConsumerGroupState.STABLE else 0
 
 
-def committed_offsets(
-    bootstrap: str, group_id: str, topic: str, timeout_s: float = 10.0
-) -> list[int]:
-    """``group_id``'s committed offset of each partition of ``topic`` (negative: none)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
-    try:
-        partitions = consumer.list_topics(topic, timeout_s).topics[topic].partitions
-        committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout_s)
-        return [p.offset for p in committed]
-    finally:
-        consumer.close()
+def committed_offsets(consumer: Consumer, topic: str, timeout_s: float = 10.0) -> list[int]:
+    """The committed offset of each partition of ``topic`` for ``consumer``'s group
+    (negative: none)."""
+    partitions = consumer.list_topics(topic, timeout_s).topics[topic].partitions
+    committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout_s)
+    return [p.offset for p in committed]
 
 
 def read_committed(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 
 from camoe.pipeline import write_settings
 from camoe.settings import Settings
@@ -174,6 +174,14 @@ def _checkpoint_with(
         process.wait(60)
 
 
+def _committed(bootstrap: str, group_id: str, topic: str) -> list[int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
+    try:
+        return committed_offsets(consumer, topic)
+    finally:
+        consumer.close()
+
+
 def test_sigkill_before_the_first_checkpoint_loses_no_event(trainer_world, tmp_path):
     """The group's committed offsets are the checkpoint's: a trainer killed after reading
     (and before checkpointing) leaves none, so its successor reads every event again."""
@@ -203,14 +211,11 @@ def test_sigkill_before_the_first_checkpoint_loses_no_event(trainer_world, tmp_p
         process.send_signal(signal.SIGKILL)
         process.wait()
         assert Checkpoint.load(s.trainer.checkpoint_dir / "trainer.pt") is None
-        assert all(o < 0 for o in committed_offsets(endpoints.kafka, s.trainer.group_id, topic))
+        assert all(o < 0 for o in _committed(endpoints.kafka, s.trainer.group_id, topic))
 
         process = _start_trainer(write_settings(s, tmp_path / "settings.yaml"), endpoints, log)
         saved = _checkpoint_with(
             s.trainer.checkpoint_dir / "trainer.pt", 2_000, process, log_path, 180
         )
     assert saved.events == 2_000
-    assert (
-        sum(max(o, 0) for o in committed_offsets(endpoints.kafka, s.trainer.group_id, topic))
-        == 2_000
-    )
+    assert sum(max(o, 0) for o in _committed(endpoints.kafka, s.trainer.group_id, topic)) == 2_000
