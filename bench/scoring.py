@@ -85,7 +85,8 @@ def _produce(
     rate: float | None = None,
     started: Any = None,
 ) -> None:
-    """Produces requests; ``started``, an Event, is set when the first goes out.
+    """Produces requests; ``started``, an Event, is set when the producer is ready, just
+    before the first goes out.
 
     Without ``rate``: all at once, event_time = produce time. At ``rate`` per second: as an
     ad server's client that sends every ``TICK_S``: request i arrives at ``i / rate`` s
@@ -113,7 +114,9 @@ def _produce(
         begun, begun_ms = time.monotonic(), time.time() * 1000
         sent, tick = 0, 0
         while sent < len(requests):
-            tick += 1
+            # The next tick; after a stall, the last one passed: what is due goes at once,
+            # and the ticks missed are not run one by one.
+            tick = max(tick + 1, int((time.monotonic() - begun) / TICK_S))
             time.sleep(max(0.0, begun + tick * TICK_S - time.monotonic()))
             due = min(len(requests), int((time.monotonic() - begun) * rate) + 1)
             batch = []
@@ -207,7 +210,7 @@ def _cpu_during(started: Any, start_s: float, seconds: float) -> Callable[[], di
     def shares(before: list[int], after: list[int]) -> tuple[float, float]:
         # user nice system idle iowait irq softirq steal (guest time is within user)
         delta = [b - a for a, b in zip(before[:8], after[:8], strict=True)]
-        total, idle, steal = sum(delta), delta[3] + delta[4], delta[7]
+        total, idle, steal = max(sum(delta), 1), delta[3] + delta[4], delta[7]
         return 100 * (total - idle - steal) / total, 100 * steal / total
 
     def measure() -> None:
@@ -561,10 +564,13 @@ def plot_latency(
     by_window.set_xlabel("seconds into the measured load")
     by_window.set_ylabel("p99 (ms)", color="steelblue")
     by_window.set_title(f"p99 and time stolen, per {WINDOW_S} s")
-    if steal_by_window:
+    # The two are counted apart (requests by arrival, CPU by the clock): when the
+    # measured seconds are not whole windows their last windows may not pair up.
+    paired = min(len(starts), len(steal_by_window))
+    if paired:
         stolen = by_window.twinx()
-        middles = [s + WINDOW_S * 0.4 for s in starts[: len(steal_by_window)]]
-        stolen.plot(middles, steal_by_window, "o-", color="darkorange")
+        middles = [s + WINDOW_S * 0.4 for s in starts[:paired]]
+        stolen.plot(middles, steal_by_window[:paired], "o-", color="darkorange")
         stolen.set_ylabel("time stolen by the hypervisor (%)", color="darkorange")
         stolen.set_ylim(bottom=0)
     fig.tight_layout()
