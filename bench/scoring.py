@@ -88,7 +88,7 @@ def _produce(
     """Produces requests; ``started``, an Event, is set when the producer is ready, just
     before the first goes out.
 
-    Without ``rate``: all at once, event_time = produce time. At ``rate`` per second: as an
+    Without ``rate``: all at once, event_time = the start. At ``rate`` per second: as an
     ad server's client that sends every ``TICK_S``: request i arrives at ``i / rate`` s
     (its event_time) and goes out with the others due at the next tick, so its wait for
     the tick counts in its latency as a client's linger would. (Sleeping until each
@@ -99,37 +99,34 @@ def _produce(
     # them (each would hold the load up for 50 ms, then send it in a burst).
     gc.collect()
     gc.freeze()
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5 if rate is None else 0.5})
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0.5})
     # Connected, with the topic's partitions known, before the first stamp: otherwise the
     # first records wait for that and their latency is the load generator's start-up.
     producer.list_topics(topic, timeout=10)
     if started is not None:
         started.set()
-    if rate is None:
-        for request in requests:
-            request["event_time"] = int(time.time() * 1000)
-            producer.produce(topic, key=request["request_id"], value=REQUESTS.encode(request))
-            producer.poll(0)
-    else:
-        begun, begun_ms = time.monotonic(), time.time() * 1000
-        sent, tick = 0, 0
-        while sent < len(requests):
+    begun, begun_ms = time.monotonic(), time.time() * 1000
+    sent, tick = 0, 0
+    while sent < len(requests):
+        if rate is None:
+            due = len(requests)
+        else:
             # The next tick; after a stall, the last one passed: what is due goes at once,
             # and the ticks missed are not run one by one.
             tick = max(tick + 1, int((time.monotonic() - begun) / TICK_S))
             time.sleep(max(0.0, begun + tick * TICK_S - time.monotonic()))
             due = min(len(requests), int((time.monotonic() - begun) * rate) + 1)
-            batch = []
-            for i in range(sent, due):
-                request = requests[i]
-                request["event_time"] = int(begun_ms + 1000 * i / rate)
-                batch.append({"key": request["request_id"], "value": REQUESTS.encode(request)})
-            producer.produce_batch(topic, batch)
-            refused = [m["_error"] for m in batch if "_error" in m]
-            if refused:
-                raise RuntimeError(f"the load generator could not queue requests: {refused[0]}")
-            producer.poll(0)
-            sent = due
+        batch = []
+        for i in range(sent, due):
+            request = requests[i]
+            request["event_time"] = int(begun_ms + (0 if rate is None else 1000 * i / rate))
+            batch.append({"key": request["request_id"], "value": REQUESTS.encode(request)})
+        producer.produce_batch(topic, batch)
+        refused = [m["_error"] for m in batch if "_error" in m]
+        if refused:
+            raise RuntimeError(f"the load generator could not queue requests: {refused[0]}")
+        producer.poll(0)
+        sent = due
     producer.flush(30)
 
 
@@ -243,7 +240,9 @@ def _wait_for_drain(
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
     try:
         partitions = consumer.list_topics(topic, 10).topics[topic].partitions
-        ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1] for p in partitions]
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1] for p in partitions
+        }
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if scorer.poll() is not None:
@@ -252,8 +251,8 @@ def _wait_for_drain(
                 committed = committed_offsets(consumer, topic)
             except KafkaException as error:  # the coordinator busy: ask again
                 log.warning("committed offsets: %s", error)
-                committed = []
-            if committed and all(e == 0 or c >= e for c, e in zip(committed, ends, strict=True)):
+                committed = {}
+            if committed and all(e == 0 or committed.get(p, -1) >= e for p, e in ends.items()):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"the scorer did not drain {topic} within {timeout_s:.0f}s")

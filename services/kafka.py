@@ -185,12 +185,11 @@ def group_members(bootstrap: str, group_id: str, timeout_s: float = 5.0) -> int:
     return len(group.members) if group.state == ConsumerGroupState.STABLE else 0
 
 
-def committed_offsets(consumer: Consumer, topic: str, timeout_s: float = 10.0) -> list[int]:
-    """The committed offset of each partition of ``topic`` for ``consumer``'s group
-    (negative: none)."""
+def committed_offsets(consumer: Consumer, topic: str, timeout_s: float = 10.0) -> dict[int, int]:
+    """Partition -> the offset ``consumer``'s group committed in ``topic`` (negative: none)."""
     partitions = consumer.list_topics(topic, timeout_s).topics[topic].partitions
     committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout_s)
-    return [p.offset for p in committed]
+    return {p.partition: p.offset for p in committed}
 
 
 def read_committed(

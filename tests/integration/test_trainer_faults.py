@@ -177,7 +177,7 @@ def _checkpoint_with(
 def _committed(bootstrap: str, group_id: str, topic: str) -> list[int]:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
     try:
-        return committed_offsets(consumer, topic)
+        return list(committed_offsets(consumer, topic).values())
     finally:
         consumer.close()
 
