@@ -69,6 +69,7 @@ def _app(
     commit_interval_s: float = 0.0,
     poll_timeout_s: float = 0.1,
     linger_ms: float = 2.0,
+    batch_interval_s: float = 0.0,
 ) -> StreamApp:
     endpoints = endpoints_for(settings, "kafka")
     return StreamApp(
@@ -84,6 +85,7 @@ def _app(
         commit_interval_s=commit_interval_s,
         poll_timeout_s=poll_timeout_s,
         linger_ms=linger_ms,
+        batch_interval_s=batch_interval_s,
         instance_id=f"{name}-{settings.worker_id}",
     )
 
@@ -115,6 +117,7 @@ def run_scoring(settings: Settings, stop: Event) -> None:
         s.commit_interval_s,
         s.poll_timeout_s,
         s.linger_ms,
+        s.batch_interval_ms / 1000,
     )
     scorer = Scorer(settings, features, triton)
     if s.metrics_port is not None:

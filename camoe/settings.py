@@ -130,6 +130,13 @@ class ScoringSettings(Section):
         default=0.05,
         description="longest wait for a first request; a request that arrives ends it",
     )
+    batch_interval_ms: float = Field(
+        default=10.0,
+        description="least time between the starts of two batches: requests that arrive "
+        "sooner wait for it together (a full batch does not). Each batch costs CPU of its "
+        "own, in the scorer, Triton and the broker, whatever its size: at 1,000 requests/s, "
+        "10 ms took a sixth less CPU than 0 for 1 to 3 ms more at p50",
+    )
     linger_ms: float = Field(
         default=0.5,
         description="the producer's wait for more records per request: a batch's outputs "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 import uuid
 from threading import Event
@@ -92,3 +94,66 @@ def test_passthrough_app_delivers_everything_and_dead_letters_garbage(services, 
     again.run(lambda records: seen.extend(records) or BatchResult(), Event(), max_idle_s=3.0)
     assert seen == []
     assert app.counters["consumed"] == n + 3
+
+
+def test_batch_interval_gathers_a_steady_stream_and_never_holds_a_full_batch(services):
+    _, endpoints = services
+    suffix = uuid.uuid4().hex[:8]
+    source, sink, dlq = f"in-{suffix}", f"out-{suffix}", f"dlq-{suffix}"
+    create_topics(endpoints.kafka, [TopicSpec(name=t) for t in (source, sink, dlq)])
+    producer = Producer({"bootstrap.servers": endpoints.kafka, "linger.ms": 0})
+
+    def send(ids: range) -> None:
+        for i in ids:
+            click = {"request_id": f"r{i}", "ad_id": "a1", "user_id": "u1", "event_time": i}
+            producer.produce(source, key=f"r{i}", value=CLICKS.encode(click))
+        assert producer.flush(10) == 0
+
+    batches: list[tuple[float, int]] = []  # (when the handler got it, its size)
+
+    def handler(records):
+        if records:
+            batches.append((time.monotonic(), len(records)))
+        return BatchResult(outputs=[Output(sink, r.value["request_id"], r.value) for r in records])
+
+    def run(interval_s: float, stop: Event) -> StreamApp:
+        app = StreamApp(
+            "gather",
+            endpoints.kafka,
+            f"g-{suffix}",
+            {source: CLICKS},
+            {sink: CLICKS},
+            dlq,
+            batch_size=50,
+            poll_timeout_s=0.05,
+            batch_interval_s=interval_s,
+        )
+        app.run(handler, stop, max_idle_s=2.0)
+        return app
+
+    # A backlog: full batches are taken at once, whatever the interval.
+    send(range(500))
+    started = time.monotonic()
+    run(5.0, Event())
+    assert sum(size for _, size in batches) == 500
+    assert batches[-1][0] - started < 5.0
+    assert all(size == 50 for _, size in batches)
+
+    # A steady stream (a record every 10 ms): batches start at least an interval apart and
+    # each holds what arrived meanwhile; nothing is lost.
+    batches.clear()
+    stop = Event()
+    app = threading.Thread(target=run, args=(0.25, stop))
+    app.start()
+    for k in range(15):
+        send(range(500 + 10 * k, 510 + 10 * k))
+        time.sleep(0.1)
+    time.sleep(1.0)
+    stop.set()
+    app.join(30)
+    assert sum(size for _, size in batches) == 150
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(batches)]
+    assert min(gaps) > 0.24, gaps
+    assert len(batches) <= 9, batches  # without the interval, one per burst of ten: 15
+    out = {CLICKS.decode(v)["request_id"] for v in read_all(endpoints.kafka, sink, 650)}
+    assert out == {f"r{i}" for i in range(650)}
