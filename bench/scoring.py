@@ -15,7 +15,12 @@ Triton, next to three floors measured in the same run.
   score (the records' produce timestamps, read back without decoding). The scores are
   read once the scorer has committed the whole backlog, so that, like the passthrough
   floor, it has the machine to itself (a reader alongside took about a tenth of it).
-* floors, each the same work done by the simplest real thing:
+* latency floor: the same fixed load (a 10 s warm-up, then ``seconds``) through a raw
+  relay (``relay``: consume what has arrived, decode, encode, produce, as the scorer's
+  loop does, without the scoring) between topics of its own; timed the same way. The
+  broker's hops and the machine's own pauses are in it, so the pipeline's latency is
+  also given as a ratio to it.
+* throughput floors, each the same work done by the simplest real thing:
   - Kafka passthrough: consume ``requests`` of the same topic, decode, encode, produce,
     flush;
   - model forward: the in-process CAMoE forward on the same batches (torch, no Triton);
@@ -59,6 +64,7 @@ REQUESTS = AvroCodec("ad_request")
 SCORES = AvroCodec("ad_scores")
 TICK_S = 0.005  # the fixed load's client sends every 5 ms
 WINDOW_S = 10  # the fixed load's p99 and steal are also given per 10 s
+RELAY_WARMUP_S = 10  # the broker is warm by then: only the relay's own start-up
 
 
 def _bench_settings(settings: Settings, endpoints: Endpoints, state: Path) -> Settings:
@@ -131,7 +137,8 @@ def _produce(
 
 
 class ScoreReader:
-    """Reads ad-scores back as they arrive.
+    """Reads ad-scores (or, with ``codec``, another topic keyed by request id whose
+    records carry its event time) back as they arrive.
 
     ``received``: request id -> (receive time, event time), from decoded records.
     ``produced``: request id -> when the scorer produced its scores (the record's
@@ -139,7 +146,8 @@ class ScoreReader:
     scorer on the same cores. ``stages``: the scorer's timings, from the decoded records.
     """
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, codec: AvroCodec = SCORES) -> None:
+        self._codec = codec
         self._consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
@@ -171,9 +179,10 @@ class ScoreReader:
                 seen += 1
                 if seen % decode_every == 0:
                     now = time.time() * 1000
-                    value = SCORES.decode(message.value())
+                    value = self._codec.decode(message.value())
                     self.received.setdefault(request_id, (now, value["event_time"]))
-                    self.stages.append(value["timings_ms"])
+                    if "timings_ms" in value:
+                        self.stages.append(value["timings_ms"])
         if left:
             raise RuntimeError(f"{len(left)} requests were not scored within {timeout_s}s")
 
@@ -264,6 +273,135 @@ def _stop_scorer(scorer: subprocess.Popen[bytes]) -> None:
     """SIGTERM: the scorer drains and commits what it has scored, then exits."""
     scorer.terminate()
     scorer.wait(60)
+
+
+def relay(bootstrap: str, source: str, sink: str, stop: Any) -> None:
+    """The latency floor: a raw consume-decode-encode-produce loop from ``source`` to
+    ``sink`` until ``stop`` (an Event) is set, shaped as the scorer's loop without the
+    scoring: batches of what has arrived, the scorer's 0.5 ms linger, offsets committed
+    asynchronously every 0.1 s."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": uuid.uuid4().hex,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0.5})
+    consumer.subscribe([source])
+    committed = 0.0
+    while not stop.is_set():
+        messages = [m for m in consume_batch(consumer, 512, 0.05) if m.error() is None]
+        if not messages:
+            continue
+        batch = [
+            {"key": m.key(), "value": REQUESTS.encode(REQUESTS.decode(m.value()))} for m in messages
+        ]
+        producer.produce_batch(sink, batch)
+        if any("_error" in m for m in batch):
+            raise RuntimeError(f"relay: records to {sink} could not be queued")
+        producer.poll(0)
+        if time.monotonic() - committed >= 0.1:
+            consumer.commit(asynchronous=True)
+            committed = time.monotonic()
+    if producer.flush(30):
+        raise RuntimeError(f"relay: records to {sink} were not acknowledged")
+    consumer.close()
+
+
+def _fixed_load(
+    bootstrap: str,
+    topic: str,
+    reader: ScoreReader,
+    warmup: list[dict[str, Any]],
+    load: list[dict[str, Any]],
+    rate: float,
+    progress: Callable[[str], None],
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Sends ``warmup`` then ``load`` to ``topic`` at ``rate`` requests/s from a process of
+    its own, as from an ad server (produced from a thread here, it would share this
+    process's interpreter with the reader timing the answers); reads every answer back.
+    Returns the measured requests' latencies (ms, in arrival order) and their figures:
+    p50, p99, the p99 of each ``WINDOW_S``, the mean, and the cores' state meanwhile."""
+    warmup_s, seconds = len(warmup) / rate, len(load) / rate
+    spawn = multiprocessing.get_context("spawn")
+    load_started = spawn.Event()
+    producer = spawn.Process(
+        target=_produce,
+        args=(bootstrap, topic, warmup + load, rate),
+        kwargs={"started": load_started},
+    )
+    producer.start()
+    cpu_figures = _cpu_during(load_started, warmup_s, seconds)
+    reader.read_until({r["request_id"] for r in warmup + load}, warmup_s + seconds + 300)
+    producer.join()
+    if producer.exitcode:
+        raise RuntimeError(f"the load generator failed (exit code {producer.exitcode})")
+    latencies = np.array(
+        [reader.received[r["request_id"]][0] - reader.received[r["request_id"]][1] for r in load]
+    )
+    window = int(rate * WINDOW_S)  # the load is in arrival order
+    figures = {
+        "offered_requests_per_s": rate,
+        "warmup_s": warmup_s,
+        "seconds": seconds,
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p99_ms": float(np.percentile(latencies, 99)),
+        "p99_ms_by_10s": [
+            float(np.percentile(latencies[k : k + window], 99))
+            for k in range(0, len(latencies), window)
+        ],
+        "mean_ms": float(latencies.mean()),
+        "cpu": cpu_figures(),
+    }
+    progress(
+        f"  p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms "
+        f"(by 10 s: {', '.join(f'{v:.0f}' for v in figures['p99_ms_by_10s'])})"
+    )
+    cpu = figures["cpu"]
+    if cpu:
+        progress(
+            f"  cores {cpu['busy_pct']:.0f}% busy, {cpu['steal_pct']:.1f}% stolen "
+            f"(by 10 s: {', '.join(f'{v:.1f}' for v in cpu['steal_pct_by_10s'])})"
+        )
+    return latencies, figures
+
+
+def _relay_load(
+    bootstrap: str,
+    requests_topic: TopicSpec,
+    warmup: list[dict[str, Any]],
+    load: list[dict[str, Any]],
+    rate: float,
+    progress: Callable[[str], None],
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The fixed load through ``relay``, in a process of its own, between two topics
+    partitioned as the requests topic; the last ``RELAY_WARMUP_S`` of ``warmup`` first."""
+    source, sink = f"{requests_topic.name}-relay-in", f"{requests_topic.name}-relay-out"
+    create_topics(
+        bootstrap, [TopicSpec(name=t, partitions=requests_topic.partitions) for t in (source, sink)]
+    )
+    spawn = multiprocessing.get_context("spawn")
+    stop = spawn.Event()
+    process = spawn.Process(target=relay, args=(bootstrap, source, sink, stop))
+    process.start()
+    reader = ScoreReader(bootstrap, sink, REQUESTS)
+    try:
+        first = [dict(load[0], request_id=f"{load[0]['request_id']}-first")]
+        _produce(bootstrap, source, first)  # the load starts once the relay answers
+        reader.read_until({first[0]["request_id"]}, 120)
+        warm = warmup[-int(rate * RELAY_WARMUP_S) :]
+        result = _fixed_load(bootstrap, source, reader, warm, load, rate, progress)
+    finally:
+        stop.set()
+        process.join(60)
+        if process.is_alive():
+            process.kill()
+        reader.close()
+    if process.exitcode:
+        raise RuntimeError(f"the relay failed (exit code {process.exitcode})")
+    return result
 
 
 def passthrough_floor(bootstrap: str, source: str, sink: str, n: int) -> float:
@@ -415,47 +553,18 @@ def run(
         scorer = _start_scorer(config, out / "state" / "score.log")
         _produce(endpoints.kafka or "", topics.ad_requests.name, first)
         reader.read_until({first[0]["request_id"]}, 300)
-        # The load comes from a process of its own, as from an ad server: produced from a
-        # thread here, it would share this process's interpreter with the reader timing
-        # the scores.
-        spawn = multiprocessing.get_context("spawn")
-        load_started = spawn.Event()
-        producer = spawn.Process(
-            target=_produce,
-            args=(endpoints.kafka or "", topics.ad_requests.name, warmup + load, rate),
-            kwargs={"started": load_started},
+        latencies, fixed = _fixed_load(
+            endpoints.kafka or "", topics.ad_requests.name, reader, warmup, load, rate, progress
         )
-        producer.start()
-        cpu_figures = _cpu_during(load_started, warmup_s, seconds)
-        reader.read_until({r["request_id"] for r in warmup + load}, warmup_s + seconds + 300)
-        producer.join()
-        if producer.exitcode:
-            raise RuntimeError(f"the load generator failed (exit code {producer.exitcode})")
-        latencies = np.array(
-            [
-                reader.received[r["request_id"]][0] - reader.received[r["request_id"]][1]
-                for r in load
-            ]
+        _stop_scorer(scorer)  # everything scored so far is committed
+        scorer = None
+
+        progress(f"latency floor: a raw relay, {RELAY_WARMUP_S}s warm-up + {seconds:.0f}s")
+        relayed, relay_floor = _relay_load(
+            endpoints.kafka or "", topics.ad_requests, warmup, load, rate, progress
         )
-        p50, p99 = (float(np.percentile(latencies, q)) for q in (50, 99))
-        window = int(rate * WINDOW_S)  # the load is in arrival order
-        p99_by_10s = [
-            float(np.percentile(latencies[k : k + window], 99))
-            for k in range(0, len(latencies), window)
-        ]
-        progress(
-            f"  p50 {p50:.1f} ms, p99 {p99:.1f} ms "
-            f"(by 10 s: {', '.join(f'{v:.0f}' for v in p99_by_10s)})"
-        )
-        cpu = cpu_figures()
-        if cpu:
-            progress(
-                f"  cores {cpu['busy_pct']:.0f}% busy, {cpu['steal_pct']:.1f}% stolen "
-                f"(by 10 s: {', '.join(f'{v:.1f}' for v in cpu['steal_pct_by_10s'])})"
-            )
 
         progress(f"saturation: a fresh scorer drains {requests} requests")
-        _stop_scorer(scorer)  # everything scored so far is committed
         backlog = [world.request(rng, 0) for _ in range(requests)]
         _produce(endpoints.kafka or "", topics.ad_requests.name, backlog)
         reader.stages.clear()
@@ -495,33 +604,27 @@ def run(
             "batch_size": batch,
             "saturation": {"requests_per_s": saturation, "candidates_per_s": pipeline_candidates},
             "scorer_wave_stage_ms_at_saturation": stages,
-            "fixed_load": {
-                "offered_requests_per_s": rate,
-                "warmup_s": warmup_s,
-                "seconds": seconds,
-                "p50_ms": p50,
-                "p99_ms": p99,
-                "p99_ms_by_10s": p99_by_10s,
-                "mean_ms": float(latencies.mean()),
-                "cpu": cpu,
-            },
+            "fixed_load": fixed,
             "floors": {
+                "relay_at_fixed_load": relay_floor,
                 "kafka_passthrough_requests_per_s": passthrough,
                 "model_forward_candidates_per_s": forward,
                 "redis_pipelined_read_candidates_per_s": redis_read,
             },
             "ratios_pipeline_to_floor": {
+                "latency_p50_to_relay": fixed["p50_ms"] / relay_floor["p50_ms"],
+                "latency_p99_to_relay": fixed["p99_ms"] / relay_floor["p99_ms"],
                 "kafka_passthrough": saturation / passthrough,
                 "model_forward": pipeline_candidates / forward,
                 "redis_read": pipeline_candidates / redis_read,
             },
         }
-        for name, value in result["floors"].items():
-            progress(f"  {name}: {value:.0f}")
-        (out / "scoring.json").write_text(json.dumps(result, indent=2))
-        plot_latency(
-            latencies, rate, p99_by_10s, cpu.get("steal_pct_by_10s", []), out / "latency.png"
+        progress(
+            f"  Kafka passthrough {passthrough:.0f} requests/s, model forward {forward:.0f} "
+            f"candidates/s, Redis read {redis_read:.0f} candidates/s"
         )
+        (out / "scoring.json").write_text(json.dumps(result, indent=2))
+        plot_latency(latencies, relayed, fixed, relay_floor, out / "latency.png")
         progress(f"written: {out / 'scoring.json'}, {out / 'latency.png'}")
         return result
     finally:
@@ -533,45 +636,58 @@ def run(
 
 def plot_latency(
     latencies: np.ndarray,
-    rate: float,
-    p99_by_window: list[float],
-    steal_by_window: list[float],
+    relayed: np.ndarray,
+    fixed: dict[str, Any],
+    relay_floor: dict[str, Any],
     path: Path,
 ) -> None:
-    """The latency histogram, and beside it each 10 s window's p99 with the share of time
-    the hypervisor stole in it (the tail on this machine follows it)."""
+    """The pipeline's latency histogram over the raw relay's, and beside it each 10 s
+    window's p99, the pipeline's then the relay's, with the share of time the hypervisor
+    stole in it (the tail on this machine follows it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax, by_window) = plt.subplots(
-        1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]}
+        1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]}
     )
-    top = float(np.percentile(latencies, 99.9))
-    ax.hist(latencies[latencies <= top], bins=60, color="steelblue")
+    top = float(np.percentile(np.concatenate([latencies, relayed]), 99.9))
+    bins = np.linspace(0, top, 61)
+    ax.hist(latencies[latencies <= top], bins=bins, color="steelblue", label="pipeline")
+    ax.hist(relayed[relayed <= top], bins=bins, histtype="step", color="black", label="relay")
     for q, style in ((50, "-"), (99, "--")):
-        value = float(np.percentile(latencies, q))
-        ax.axvline(value, color="crimson", linestyle=style, label=f"p{q} {value:.1f} ms")
-    ax.set_xlabel("request event time to scores read back (ms)")
+        value = fixed[f"p{q}_ms"]
+        ax.axvline(value, color="crimson", linestyle=style, label=f"pipeline p{q} {value:.1f} ms")
+    value = relay_floor["p99_ms"]
+    ax.axvline(value, color="black", linestyle="--", label=f"relay p99 {value:.1f} ms")
+    ax.set_xlabel("request event time to answer read back (ms)")
     ax.set_ylabel("requests")
-    ax.set_title(f"Scoring latency at {rate:.0f} requests/s")
+    ax.set_title(f"Latency at {fixed['offered_requests_per_s']:.0f} requests/s")
     ax.legend()
 
-    starts = [WINDOW_S * k for k in range(len(p99_by_window))]
-    by_window.bar(starts, p99_by_window, width=WINDOW_S * 0.8, align="edge", color="steelblue")
-    by_window.set_xlabel("seconds into the measured load")
-    by_window.set_ylabel("p99 (ms)", color="steelblue")
+    # The pipeline's windows, a gap, then the relay's (measured after it).
+    stolen = by_window.twinx()
+    x = 0
+    for name, figures, colour in (
+        ("pipeline", fixed, "steelblue"),
+        ("relay", relay_floor, "dimgray"),
+    ):
+        p99 = figures["p99_ms_by_10s"]
+        # Requests are counted by arrival and CPU by the clock: when the measured seconds
+        # are not whole windows, their last windows may not pair up.
+        steal = figures["cpu"].get("steal_pct_by_10s", [])[: len(p99)]
+        places = list(range(x, x + len(p99)))
+        by_window.bar(places, p99, width=0.8, color=colour, label=name)
+        stolen.plot(places[: len(steal)], steal, "o", color="darkorange")
+        x += len(p99) + 1
+    by_window.set_xticks([])
+    by_window.set_xlabel(f"{WINDOW_S} s windows: pipeline, then relay")
+    by_window.set_ylabel("p99 (ms)")
+    by_window.legend(loc="upper left")
+    stolen.set_ylabel("time stolen by the hypervisor (%)", color="darkorange")
+    stolen.set_ylim(bottom=0)
     by_window.set_title(f"p99 and time stolen, per {WINDOW_S} s")
-    # The two are counted apart (requests by arrival, CPU by the clock): when the
-    # measured seconds are not whole windows their last windows may not pair up.
-    paired = min(len(starts), len(steal_by_window))
-    if paired:
-        stolen = by_window.twinx()
-        middles = [s + WINDOW_S * 0.4 for s in starts[:paired]]
-        stolen.plot(middles, steal_by_window[:paired], "o-", color="darkorange")
-        stolen.set_ylabel("time stolen by the hypervisor (%)", color="darkorange")
-        stolen.set_ylim(bottom=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -30,9 +30,19 @@ def test_scoring_benchmark_writes_its_results(services, tmp_path):
     cpu = fixed["cpu"]  # the machine's state while the latency was timed
     assert 0 < cpu["busy_pct"] <= 100 and 0 <= cpu["steal_pct"] < 100
     assert len(cpu["steal_pct_by_10s"]) == 1
-    for name in ("kafka_passthrough", "model_forward", "redis_read"):
+    relay = saved["floors"]["relay_at_fixed_load"]  # the latency floor, timed the same way
+    assert 0 < relay["p50_ms"] <= relay["p99_ms"] and relay["seconds"] == fixed["seconds"]
+    assert len(relay["p99_ms_by_10s"]) == 1 and len(relay["cpu"]["steal_pct_by_10s"]) == 1
+    for name in (
+        "latency_p50_to_relay",
+        "latency_p99_to_relay",
+        "kafka_passthrough",
+        "model_forward",
+        "redis_read",
+    ):
         ratio = saved["ratios_pipeline_to_floor"][name]
         assert math.isfinite(ratio) and ratio > 0, name
     png = (tmp_path / "latency.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert any(line.startswith("saturation") for line in lines)
+    assert any(line.startswith("latency floor") for line in lines)
