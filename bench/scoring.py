@@ -136,6 +136,18 @@ def _produce(
     producer.flush(30)
 
 
+def _fresh_consumer(bootstrap: str) -> Consumer:
+    """A consumer in a group of its own, reading from the start, committing only when told."""
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": uuid.uuid4().hex,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+
+
 class ScoreReader:
     """Reads ad-scores (or, with ``codec``, another topic keyed by request id whose
     records carry its event time) back as they arrive.
@@ -148,13 +160,7 @@ class ScoreReader:
 
     def __init__(self, bootstrap: str, topic: str, codec: AvroCodec = SCORES) -> None:
         self._codec = codec
-        self._consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": uuid.uuid4().hex,
-                "auto.offset.reset": "earliest",
-            }
-        )
+        self._consumer = _fresh_consumer(bootstrap)
         # Assigned, not subscribed: no group to be dropped from while the saturation
         # bench waits for the scorer without reading.
         partitions = self._consumer.list_topics(topic, 10).topics[topic].partitions
@@ -280,14 +286,7 @@ def relay(bootstrap: str, source: str, sink: str, stop: Any) -> None:
     ``sink`` until ``stop`` (an Event) is set, shaped as the scorer's loop without the
     scoring: batches of what has arrived, the scorer's 0.5 ms linger, offsets committed
     asynchronously every 0.1 s."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": uuid.uuid4().hex,
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
+    consumer = _fresh_consumer(bootstrap)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0.5})
     consumer.subscribe([source])
     committed = 0.0
@@ -406,14 +405,7 @@ def _relay_load(
 
 def passthrough_floor(bootstrap: str, source: str, sink: str, n: int) -> float:
     """Requests/s of a raw consume-decode-encode-produce loop over the same records."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": uuid.uuid4().hex,
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
+    consumer = _fresh_consumer(bootstrap)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     consumer.subscribe([source])
     done, started = 0, None
@@ -684,10 +676,10 @@ def plot_latency(
     by_window.set_xticks([])
     by_window.set_xlabel(f"{WINDOW_S} s windows: pipeline, then relay")
     by_window.set_ylabel("p99 (ms)")
-    by_window.legend(loc="upper left")
+    by_window.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     stolen.set_ylabel("time stolen by the hypervisor (%)", color="darkorange")
     stolen.set_ylim(bottom=0)
     by_window.set_title(f"p99 and time stolen, per {WINDOW_S} s")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
