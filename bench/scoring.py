@@ -43,6 +43,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def _produce(
     topic: str,
     requests: list[dict[str, Any]],
     rate: float | None = None,
-    started: Any = None,
+    started: ProcessEvent | None = None,
 ) -> None:
     """Produces requests; ``started``, an Event, is set when the producer is ready, just
     before the first goes out.
@@ -169,13 +170,22 @@ class ScoreReader:
         self.produced: dict[str, int] = {}
         self.stages: list[dict[str, float]] = []  # the scorer's own per-wave timings
 
-    def read_until(self, expected: set[str], timeout_s: float, decode_every: int = 1) -> None:
+    def read_until(
+        self,
+        expected: set[str],
+        timeout_s: float,
+        decode_every: int = 1,
+        answering: Callable[[], bool] | None = None,
+    ) -> None:
         """Reads until every id of ``expected`` has its scores; decodes one record in
-        ``decode_every``."""
+        ``decode_every``. ``answering``: whether the process that answers still runs (when
+        it has stopped, waiting out the timeout would only hide why)."""
         deadline = time.monotonic() + timeout_s
         left = set(expected) - set(self.produced)
         seen = 0
         while left and time.monotonic() < deadline:
+            if answering is not None and not answering():
+                raise RuntimeError(f"the process answering stopped; {len(left)} requests wait")
             for message in consume_batch(self._consumer, 1000, 0.1):
                 if message.error() is not None:
                     continue
@@ -212,7 +222,9 @@ def _cpu_jiffies() -> list[int]:
         return [int(v) for v in stat.readline().split()[1:]]
 
 
-def _cpu_during(started: Any, start_s: float, seconds: float) -> Callable[[], dict[str, Any]]:
+def _cpu_during(
+    started: ProcessEvent, start_s: float, seconds: float
+) -> Callable[[], dict[str, Any]]:
     """Measures in a thread, from ``start_s`` after the Event ``started`` on for
     ``seconds``, how busy the cores were and how much time the hypervisor gave to other
     machines (steal), over the whole and per ``WINDOW_S``: the latency tail moves with
@@ -281,17 +293,22 @@ def _stop_scorer(scorer: subprocess.Popen[bytes]) -> None:
     scorer.wait(60)
 
 
-def relay(bootstrap: str, source: str, sink: str, stop: Any) -> None:
+def relay(bootstrap: str, source: str, sink: str, stop: ProcessEvent) -> None:
     """The latency floor: a raw consume-decode-encode-produce loop from ``source`` to
-    ``sink`` until ``stop`` (an Event) is set, shaped as the scorer's loop without the
-    scoring: batches of what has arrived, the scorer's 0.5 ms linger, offsets committed
-    asynchronously every 0.1 s."""
+    ``sink`` until ``stop`` is set, shaped as the scorer's loop without the scoring and
+    without its batch interval (so the floor is the broker's hops alone): batches of what
+    has arrived, the scorer's 0.5 ms linger, offsets committed asynchronously every 0.1 s."""
     consumer = _fresh_consumer(bootstrap)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0.5})
     consumer.subscribe([source])
     committed = 0.0
     while not stop.is_set():
-        messages = [m for m in consume_batch(consumer, 512, 0.05) if m.error() is None]
+        messages = []
+        for message in consume_batch(consumer, 512, 0.05):
+            if message.error() is None:
+                messages.append(message)
+            else:
+                log.warning("relay: consumer error %s", message.error())
         if not messages:
             continue
         batch = [
@@ -317,10 +334,12 @@ def _fixed_load(
     load: list[dict[str, Any]],
     rate: float,
     progress: Callable[[str], None],
+    answering: Callable[[], bool],
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Sends ``warmup`` then ``load`` to ``topic`` at ``rate`` requests/s from a process of
     its own, as from an ad server (produced from a thread here, it would share this
-    process's interpreter with the reader timing the answers); reads every answer back.
+    process's interpreter with the reader timing the answers); reads every answer back
+    while ``answering`` says the process that answers still runs.
     Returns the measured requests' latencies (ms, in arrival order) and their figures:
     p50, p99, the p99 of each ``WINDOW_S``, the mean, and the cores' state meanwhile."""
     warmup_s, seconds = len(warmup) / rate, len(load) / rate
@@ -333,7 +352,8 @@ def _fixed_load(
     )
     producer.start()
     cpu_figures = _cpu_during(load_started, warmup_s, seconds)
-    reader.read_until({r["request_id"] for r in warmup + load}, warmup_s + seconds + 300)
+    everything = {r["request_id"] for r in warmup + load}
+    reader.read_until(everything, warmup_s + seconds + 300, answering=answering)
     producer.join()
     if producer.exitcode:
         raise RuntimeError(f"the load generator failed (exit code {producer.exitcode})")
@@ -389,14 +409,17 @@ def _relay_load(
     try:
         first = [dict(load[0], request_id=f"{load[0]['request_id']}-first")]
         _produce(bootstrap, source, first)  # the load starts once the relay answers
-        reader.read_until({first[0]["request_id"]}, 120)
+        reader.read_until({first[0]["request_id"]}, 120, answering=process.is_alive)
         warm = warmup[-int(rate * RELAY_WARMUP_S) :]
-        result = _fixed_load(bootstrap, source, reader, warm, load, rate, progress)
+        result = _fixed_load(
+            bootstrap, source, reader, warm, load, rate, progress, answering=process.is_alive
+        )
     finally:
         stop.set()
         process.join(60)
         if process.is_alive():
             process.kill()
+            process.join()
         reader.close()
     if process.exitcode:
         raise RuntimeError(f"the relay failed (exit code {process.exitcode})")
@@ -542,11 +565,22 @@ def run(
         gc.freeze()
 
         progress(f"fixed load: {rate:.0f} requests/s, {warmup_s:.0f}s warm-up + {seconds:.0f}s")
-        scorer = _start_scorer(config, out / "state" / "score.log")
+        scorer = running = _start_scorer(config, out / "state" / "score.log")
+
+        def answering() -> bool:
+            return running.poll() is None
+
         _produce(endpoints.kafka or "", topics.ad_requests.name, first)
-        reader.read_until({first[0]["request_id"]}, 300)
+        reader.read_until({first[0]["request_id"]}, 300, answering=answering)
         latencies, fixed = _fixed_load(
-            endpoints.kafka or "", topics.ad_requests.name, reader, warmup, load, rate, progress
+            endpoints.kafka or "",
+            topics.ad_requests.name,
+            reader,
+            warmup,
+            load,
+            rate,
+            progress,
+            answering,
         )
         _stop_scorer(scorer)  # everything scored so far is committed
         scorer = None

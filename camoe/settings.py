@@ -123,8 +123,9 @@ class ScoringSettings(Section):
     group_id: str = "camoe-scoring"
     batch_size: int = Field(
         default=512,
-        description="most requests per batch; a batch is what has arrived, so at low rates "
-        "batches stay small and only a backlog fills them",
+        description="most requests per batch; a batch is what has arrived (within "
+        "batch_interval_ms of the last), so at low rates batches stay small and only a "
+        "backlog fills them",
     )
     poll_timeout_s: float = Field(
         default=0.05,
@@ -132,6 +133,7 @@ class ScoringSettings(Section):
     )
     batch_interval_ms: float = Field(
         default=10.0,
+        ge=0,
         description="least time between the starts of two batches: requests that arrive "
         "sooner wait for it together (a full batch does not). Each batch costs CPU of its "
         "own, in the scorer, Triton and the broker, whatever its size: at 1,000 requests/s, "

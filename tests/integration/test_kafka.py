@@ -116,7 +116,7 @@ def test_batch_interval_gathers_a_steady_stream_and_never_holds_a_full_batch(ser
             batches.append((time.monotonic(), len(records)))
         return BatchResult(outputs=[Output(sink, r.value["request_id"], r.value) for r in records])
 
-    def run(interval_s: float, stop: Event) -> StreamApp:
+    def run(interval_s: float, batch_size: int, stop: Event) -> StreamApp:
         app = StreamApp(
             "gather",
             endpoints.kafka,
@@ -124,7 +124,7 @@ def test_batch_interval_gathers_a_steady_stream_and_never_holds_a_full_batch(ser
             {source: CLICKS},
             {sink: CLICKS},
             dlq,
-            batch_size=50,
+            batch_size=batch_size,
             poll_timeout_s=0.05,
             batch_interval_s=interval_s,
         )
@@ -134,26 +134,37 @@ def test_batch_interval_gathers_a_steady_stream_and_never_holds_a_full_batch(ser
     # A backlog: full batches are taken at once, whatever the interval.
     send(range(500))
     started = time.monotonic()
-    run(5.0, Event())
+    run(5.0, 50, Event())
     assert sum(size for _, size in batches) == 500
     assert batches[-1][0] - started < 5.0
     assert all(size == 50 for _, size in batches)
 
-    # A steady stream (a record every 10 ms): batches start at least an interval apart and
-    # each holds what arrived meanwhile; nothing is lost.
+    # A steady stream (a record every 10 ms), once the app has its partition (a record
+    # primes it): batches start at least an interval apart, each holding what arrived
+    # meanwhile; nothing is lost. Then, after a pause, a record is taken at once.
     batches.clear()
     stop = Event()
-    app = threading.Thread(target=run, args=(0.25, stop))
+    app = threading.Thread(target=run, args=(0.5, 500, stop))
     app.start()
+    send(range(500, 501))
+    deadline = time.monotonic() + 30
+    while not batches and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert batches, "the app did not take the priming record"
     for k in range(15):
-        send(range(500 + 10 * k, 510 + 10 * k))
+        send(range(501 + 10 * k, 511 + 10 * k))
         time.sleep(0.1)
+    time.sleep(1.0)
+    sent = time.monotonic()
+    send(range(651, 652))
     time.sleep(1.0)
     stop.set()
     app.join(30)
-    assert sum(size for _, size in batches) == 150
-    gaps = [b[0] - a[0] for a, b in itertools.pairwise(batches)]
-    assert min(gaps) > 0.24, gaps
-    assert len(batches) <= 9, batches  # without the interval, one per burst of ten: 15
-    out = {CLICKS.decode(v)["request_id"] for v in read_all(endpoints.kafka, sink, 650)}
-    assert out == {f"r{i}" for i in range(650)}
+    assert not app.is_alive()
+    assert sum(size for _, size in batches) == 152
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(batches[:-1])]
+    assert min(gaps) > 0.49, gaps
+    assert len(batches) <= 8, batches  # without the interval, one per burst of ten: 17
+    assert batches[-1][1] == 1 and batches[-1][0] - sent < 0.4  # it did not wait 0.5 s
+    out = {CLICKS.decode(v)["request_id"] for v in read_all(endpoints.kafka, sink, 652)}
+    assert out == {f"r{i}" for i in range(652)}
