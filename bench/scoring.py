@@ -17,7 +17,8 @@ Triton, next to three floors measured in the same run.
   floor, it has the machine to itself (a reader alongside took about a tenth of it).
 * latency floor: the same fixed load (a 10 s warm-up, then ``seconds``) through a raw
   relay (``relay``: consume what has arrived, decode, encode, produce, as the scorer's
-  loop does, without the scoring) between topics of its own; timed the same way. The
+  loop does, without the scoring or its batch interval) between topics of its own; timed
+  the same way. The
   broker's hops and the machine's own pauses are in it, so the pipeline's latency is
   also given as a ratio to it.
 * throughput floors, each the same work done by the simplest real thing:
@@ -330,18 +331,22 @@ def _fixed_load(
     bootstrap: str,
     topic: str,
     reader: ScoreReader,
+    first: dict[str, Any],
     warmup: list[dict[str, Any]],
     load: list[dict[str, Any]],
     rate: float,
     progress: Callable[[str], None],
     answering: Callable[[], bool],
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Sends ``warmup`` then ``load`` to ``topic`` at ``rate`` requests/s from a process of
-    its own, as from an ad server (produced from a thread here, it would share this
+    """Sends ``first`` and waits for its answer (so the load starts once whatever answers
+    is ready), then ``warmup`` and ``load`` to ``topic`` at ``rate`` requests/s from a
+    process of its own, as from an ad server (produced from a thread here, it would share this
     process's interpreter with the reader timing the answers); reads every answer back
     while ``answering`` says the process that answers still runs.
     Returns the measured requests' latencies (ms, in arrival order) and their figures:
     p50, p99, the p99 of each ``WINDOW_S``, the mean, and the cores' state meanwhile."""
+    _produce(bootstrap, topic, [first])
+    reader.read_until({first["request_id"]}, 300, answering=answering)
     warmup_s, seconds = len(warmup) / rate, len(load) / rate
     spawn = multiprocessing.get_context("spawn")
     load_started = spawn.Event()
@@ -407,12 +412,10 @@ def _relay_load(
     process.start()
     reader = ScoreReader(bootstrap, sink, REQUESTS)
     try:
-        first = [dict(load[0], request_id=f"{load[0]['request_id']}-first")]
-        _produce(bootstrap, source, first)  # the load starts once the relay answers
-        reader.read_until({first[0]["request_id"]}, 120, answering=process.is_alive)
+        first = dict(load[0], request_id=f"{load[0]['request_id']}-first")
         warm = warmup[-int(rate * RELAY_WARMUP_S) :]
         result = _fixed_load(
-            bootstrap, source, reader, warm, load, rate, progress, answering=process.is_alive
+            bootstrap, source, reader, first, warm, load, rate, progress, process.is_alive
         )
     finally:
         stop.set()
@@ -555,7 +558,7 @@ def run(
         topics = s.kafka.topics
         config = write_settings(s, out / "state" / "settings.yaml")
         reader = ScoreReader(endpoints.kafka or "", topics.ad_scores.name)
-        first = [world.request(rng, 0)]  # the load starts once the scorer answers
+        first = world.request(rng, 0)  # the load starts once the scorer answers
         warmup = [world.request(rng, 0) for _ in range(int(rate * warmup_s))]
         load = [world.request(rng, 0) for _ in range(int(rate * seconds))]
         # A full garbage collection of this process's heap (Feast, the requests) takes
@@ -570,12 +573,11 @@ def run(
         def answering() -> bool:
             return running.poll() is None
 
-        _produce(endpoints.kafka or "", topics.ad_requests.name, first)
-        reader.read_until({first[0]["request_id"]}, 300, answering=answering)
         latencies, fixed = _fixed_load(
             endpoints.kafka or "",
             topics.ad_requests.name,
             reader,
+            first,
             warmup,
             load,
             rate,
