@@ -15,7 +15,7 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from camoe.settings import ROOT, KafkaSettings, TopicSpec
-from services.exceptions import PrerequisiteError
+from services.exceptions import PrerequisiteError, ServiceStartError
 from services.process import claim_port, free_port, start_process
 
 HERE = Path(__file__).parent
@@ -73,6 +73,9 @@ def start_broker(
     """Formats a fresh KRaft log folder and starts a broker; returns (pid, bootstrap)."""
     libs = ensure_jars()
     port, controller_port = claim_port(port, "kafka"), free_port()
+    # The stack's broker always starts empty. A log folder left by one that died without
+    # `camoe stack down` holds another cluster's id, and formatting would refuse it.
+    shutil.rmtree(data_dir / "logs", ignore_errors=True)
     data_dir.mkdir(parents=True, exist_ok=True)
     properties = data_dir / "server.properties"
     properties.write_text(
@@ -109,22 +112,8 @@ def start_broker(
         "-cp",
         classpath,
     ]
-    cluster_id = (
-        subprocess.run(
-            [*jvm, "kafka.tools.StorageTool", "random-uuid"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
-    subprocess.run(
-        [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(properties)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    cluster_id = _storage_tool(jvm, "random-uuid").splitlines()[-1]
+    _storage_tool(jvm, "format", "-t", cluster_id, "-c", str(properties))
     bootstrap = f"127.0.0.1:{port}"
     pid = start_process(
         "kafka",
@@ -134,6 +123,15 @@ def start_broker(
         timeout_s=timeout_s,
     )
     return pid, bootstrap
+
+
+def _storage_tool(jvm: list[str], *args: str) -> str:
+    """Runs Kafka's StorageTool; its output, or ServiceStartError with its last words."""
+    done = subprocess.run([*jvm, "kafka.tools.StorageTool", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+        raise ServiceStartError(f"kafka: StorageTool {args[0]} failed: {said[-1]}")
+    return done.stdout.strip()
 
 
 def broker_ready(bootstrap: str, timeout_s: float = 1.0) -> bool:

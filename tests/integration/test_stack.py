@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
+from services.kafka import broker_ready
 from services.process import pid_alive
 from services.stack import Stack
 
@@ -75,3 +77,23 @@ def test_down_leaves_nothing_running(services, tmp_path):
     assert stack.down() == ["redis"]
     assert not pid_alive(pid)
     assert stack.status()["redis"] == "down"
+
+
+def test_up_after_a_broker_died_without_down_starts_a_fresh_one(services, tmp_path):
+    settings, _ = services
+    own = settings.model_copy(
+        update={
+            "stack": settings.stack.model_copy(update={"state_dir": tmp_path}),
+            "kafka": settings.kafka.model_copy(update={"bootstrap_servers": None}),
+        }
+    )
+    stack = Stack(own)
+    try:
+        first = stack.up(("kafka",)).pids["kafka"]
+        os.kill(first, signal.SIGKILL)  # a crash: its log folder (and cluster id) stay
+        os.waitpid(first, 0)  # this process started it: reap it
+        endpoints = stack.up(("kafka",))
+        assert endpoints.pids["kafka"] != first
+        assert broker_ready(endpoints.kafka or "")
+    finally:
+        stack.down()
