@@ -18,9 +18,8 @@ Triton, next to three floors measured in the same run.
 * latency floor: the same fixed load (a 10 s warm-up, then ``seconds``) through a raw
   relay (``relay``: consume what has arrived, decode, encode, produce, as the scorer's
   loop does, without the scoring or its batch interval) between topics of its own; timed
-  the same way. The
-  broker's hops and the machine's own pauses are in it, so the pipeline's latency is
-  also given as a ratio to it.
+  the same way. The broker's hops and the machine's own pauses are in it, so the
+  pipeline's latency is also given as a ratio to it.
 * throughput floors, each the same work done by the simplest real thing:
   - Kafka passthrough: consume ``requests`` of the same topic, decode, encode, produce,
     flush;
