@@ -297,11 +297,13 @@ def relay(bootstrap: str, source: str, sink: str, stop: ProcessEvent) -> None:
     """The latency floor: a raw consume-decode-encode-produce loop from ``source`` to
     ``sink`` until ``stop`` is set, shaped as the scorer's loop without the scoring and
     without its batch interval (so the floor is the broker's hops alone): batches of what
-    has arrived, the scorer's 0.5 ms linger, offsets committed asynchronously every 0.1 s."""
+    has arrived, each to one partition in turn as the scorer's scores, the scorer's 0.5 ms
+    linger, offsets committed asynchronously every 0.1 s."""
     consumer = _fresh_consumer(bootstrap)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0.5})
+    partitions = len(producer.list_topics(sink, 10).topics[sink].partitions)
     consumer.subscribe([source])
-    committed = 0.0
+    committed, batches = 0.0, 0
     while not stop.is_set():
         messages = []
         for message in consume_batch(consumer, 512, 0.05):
@@ -314,7 +316,8 @@ def relay(bootstrap: str, source: str, sink: str, stop: ProcessEvent) -> None:
         batch = [
             {"key": m.key(), "value": REQUESTS.encode(REQUESTS.decode(m.value()))} for m in messages
         ]
-        producer.produce_batch(sink, batch)
+        batches += 1
+        producer.produce_batch(sink, batch, partition=batches % partitions)
         if any("_error" in m for m in batch):
             raise RuntimeError(f"relay: records to {sink} could not be queued")
         producer.poll(0)

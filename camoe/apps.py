@@ -119,7 +119,9 @@ def run_scoring(settings: Settings, stop: Event) -> None:
         s.linger_ms,
         s.batch_interval_ms / 1000,
     )
-    scorer = Scorer(settings, features, triton)
+    scorer = Scorer(
+        settings, features, triton, app.partitions(settings.kafka.topics.ad_scores.name)
+    )
     if s.metrics_port is not None:
         scorer.metrics.serve(s.metrics_port)
     # Feast, protobuf and gRPC leave about a million long-lived objects: a full garbage

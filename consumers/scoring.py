@@ -7,11 +7,13 @@ request; read the features of its distinct users and ads from the online store
 (camoe/features.py) and send them to Triton, in waves of
 ``scoring.triton_chunk_requests`` requests: while Triton scores one wave, the next one's
 features and inputs are prepared and the previous one's outputs built; rank each
-request's candidates by bid x pCTR; produce its ad-scores record and the feature-log
+request's candidates by bid x pCTR; produce its ad-scores record (by default each
+batch's to one partition, in turn: ``scoring.scores_partitioning``) and the feature-log
 row of the winner (the features the model saw, for training).
 
 Delivery guarantee: the StreamApp's (at-least-once by default: a request re-read after a
-crash is scored again, and both records carry its request id as key).
+crash is scored again, and both records carry its request id as key; its second
+ad-scores record may be on another partition, so readers recognise duplicates by key).
 """
 
 from __future__ import annotations
@@ -75,9 +77,17 @@ class Scorer:
         settings: the system's settings.
         features: reads (user features, ad features) for (user_id, ad_id) pairs.
         triton: client of the served CAMoE model.
+        scores_partitions: the ad-scores topic's partitions on the broker (None: as many
+            as the settings give it).
     """
 
-    def __init__(self, settings: Settings, features: Any, triton: TritonClient) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        features: Any,
+        triton: TritonClient,
+        scores_partitions: int | None = None,
+    ) -> None:
         self.settings = settings
         self.features = features
         self.triton = triton
@@ -85,6 +95,8 @@ class Scorer:
         topics = settings.kafka.topics
         self.scores_topic = topics.ad_scores.name
         self.feature_log_topic = topics.feature_log.name
+        self._scores_partitions = scores_partitions or topics.ad_scores.partitions
+        self._batches = 0
         self._priors = np.asarray([settings.scoring.prior_ctr[f] for f in FORMATS], np.float32)
         self.counts: Counter[str] = Counter()
         self.metrics = ScoringMetrics()
@@ -158,6 +170,7 @@ class Scorer:
         self.metrics.dead_letters.inc(len(result.dead_letters))
         if not requests:
             return result
+        scores_partition = self._scores_partition()
         # The batch goes to Triton in waves of triton_chunk_requests requests: the next
         # wave's features and model inputs are prepared while Triton scores this one, and
         # this one's outputs are built while Triton scores the next. (Sent all at once, the
@@ -182,12 +195,20 @@ class Scorer:
                 "inference": (done - wave.features_done) * 1000,
                 "total": (done - started) * 1000,
             }
-            result.outputs += self._outputs(wave, pctr, version, timings)
+            result.outputs += self._outputs(wave, pctr, version, timings, scores_partition)
             observed.append((wave.requests, len(pctr), timings, version))
         self.metrics.batch_size.observe(len(requests))
         for scored in observed:
             self._observe(*scored)
         return result
+
+    def _scores_partition(self) -> int | None:
+        """The ad-scores partition of the next batch: each in turn (``batch``), or None
+        (``key``: the request id's)."""
+        if self.settings.scoring.scores_partitioning == "key":
+            return None
+        self._batches += 1
+        return self._batches % self._scores_partitions
 
     def _send(self, requests: list[Record]) -> Wave:
         """Reads the features of ``requests``, builds their model inputs and sends them to
@@ -250,10 +271,16 @@ class Scorer:
             m.model_version.set(int(version))
 
     def _outputs(
-        self, wave: Wave, pctr: np.ndarray, version: str, timings: dict[str, float]
+        self,
+        wave: Wave,
+        pctr: np.ndarray,
+        version: str,
+        timings: dict[str, float],
+        scores_partition: int | None,
     ) -> list[Output]:
-        """Each request's ad-scores record and its winner's feature-log row; ``pctr`` (B,)
-        has a row per candidate of the wave."""
+        """Each request's ad-scores record (to ``scores_partition``) and its winner's
+        feature-log row (by request id: the labeler joins it with the clicks by partition);
+        ``pctr`` (B,) has a row per candidate of the wave."""
         x, flags = wave.encoded, wave.flags
         chosen = winners(x.bid, pctr, wave.bounds)
         p = pctr.tolist()
@@ -292,6 +319,7 @@ class Scorer:
                         "flags": [*flags[k], "fallback"] if fallback else flags[k],
                         "timings_ms": timings,
                     },
+                    scores_partition,
                 ),
                 Output(
                     self.feature_log_topic,

@@ -38,12 +38,15 @@ from typing import Any, NamedTuple, Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from streaming.avro import AvroCodec
-from streaming.exceptions import DecodeError, DeliveryError, RetryLater
+from streaming.exceptions import DecodeError, DeliveryError, MissingTopicError, RetryLater
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTERS = AvroCodec("dead_letter")
 ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the key's partitioner chooses
+# With a batch interval, the fetch's wait decides when the broker answers, not its size: a
+# backlog larger than this is answered at once.
+FETCH_MIN_BYTES = 1 << 20
 
 
 class Record(NamedTuple):
@@ -104,20 +107,16 @@ class PartitionHooks(Protocol):
         ...
 
 
-def consume_batch(
-    consumer: Consumer, max_messages: int, timeout_s: float, gather_until: float = 0.0
-) -> list[Message]:
+def consume_batch(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
     """Waits up to ``timeout_s`` for the first message, then takes what is already fetched,
-    up to ``max_messages``, waiting for more until ``gather_until`` (a ``time.monotonic()``
-    instant) unless ``max_messages`` arrive first. ``consume(n, timeout)`` alone waits the
-    whole timeout unless n messages arrive: at low rates that wait would be most of every
-    request's latency."""
+    up to ``max_messages``. ``consume(n, timeout)`` alone waits the whole timeout unless n
+    messages arrive: at low rates that wait would be most of every request's latency."""
     first = consumer.poll(timeout_s)
     if first is None:
         return []
     if max_messages == 1:
         return [first]
-    return [first, *consumer.consume(max_messages - 1, max(0.0, gather_until - time.monotonic()))]
+    return [first, *consumer.consume(max_messages - 1, 0)]
 
 
 def next_offsets(records: list[Record]) -> list[TopicPartition]:
@@ -142,11 +141,12 @@ class StreamApp:
         guarantee: ``at-least-once`` or ``exactly-once``.
         batch_size: most records per ``consume`` call.
         poll_timeout_s: how long ``consume`` waits for the first record.
-        batch_interval_s: the least time between the starts of two batches: a record that
-            arrives sooner waits, with those after it, until then (or until ``batch_size``
-            have arrived). Each batch has a cost of its own, whatever its size, so at a
-            steady rate fewer, larger batches take less CPU; after a pause the first record
-            does not wait.
+        batch_interval_s: how long the broker may hold the consumer's fetch while records
+            arrive (0: it answers as soon as there is one). Records then come in batches
+            about this far apart, each what arrived meanwhile; a backlog comes at once.
+            Each batch has a cost of its own, whatever its size, in this process and in the
+            broker (which serves every fetch partition by partition), so at a steady rate
+            fewer, larger batches take less CPU, for up to this much more latency.
         in_flight_batches: at-least-once, how many full batches of input records
             (``in_flight_batches`` x ``batch_size``) may stay uncommitted while the next
             batch is processed (0: wait for the acknowledgements of each batch that
@@ -187,7 +187,6 @@ class StreamApp:
         self.guarantee = guarantee
         self.batch_size = batch_size
         self.poll_timeout_s = poll_timeout_s
-        self.batch_interval_s = batch_interval_s
         self.in_flight_batches = in_flight_batches
         self.commit_interval_s = commit_interval_s
         self._in_flight: deque[InFlight] = deque()
@@ -208,6 +207,14 @@ class StreamApp:
                 "isolation.level": "read_committed",
                 "max.poll.interval.ms": 60_000,
                 "session.timeout.ms": 10_000,  # a dead worker's partitions move within 10 s
+                **(
+                    {
+                        "fetch.wait.max.ms": max(1, round(batch_interval_s * 1000)),
+                        "fetch.min.bytes": FETCH_MIN_BYTES,
+                    }
+                    if batch_interval_s > 0
+                    else {}
+                ),
                 **({"group.instance.id": instance_id} if instance_id else {}),
             }
         )
@@ -224,6 +231,16 @@ class StreamApp:
         self._delivery_errors: list[KafkaError] = []
         if guarantee == "exactly-once":
             self._producer.init_transactions(30)
+
+    def partitions(self, topic: str, timeout_s: float = 10.0) -> int:
+        """How many partitions ``topic`` has on the broker."""
+        metadata = self._producer.list_topics(topic, timeout_s).topics[topic]
+        if metadata.error is not None:
+            raise MissingTopicError(
+                f"topic {topic!r} is not on the broker ({metadata.error.str()}): create it "
+                "(`camoe stack up` creates the topics of the settings)"
+            )
+        return len(metadata.partitions)
 
     # --- the loop -----------------------------------------------------------------
 
@@ -254,18 +271,12 @@ class StreamApp:
                 hooks.on_revoke(partitions)
 
         self._consumer.subscribe(list(self.sources), on_assign=on_assign, on_revoke=on_revoke)
-        batch_started = 0.0
         try:
             while not stop.is_set():
-                messages = consume_batch(
-                    self._consumer,
-                    self.batch_size,
-                    self.poll_timeout_s,
-                    gather_until=batch_started + self.batch_interval_s,
-                )
+                messages = consume_batch(self._consumer, self.batch_size, self.poll_timeout_s)
                 records, bad = self._decode(messages)
                 if messages:
-                    last_input = batch_started = time.monotonic()
+                    last_input = time.monotonic()
                 elif (
                     max_idle_s is not None
                     and last_input is not None

@@ -19,3 +19,7 @@ class RetryLater(StreamingError):
 
 class DeliveryError(StreamingError):
     """The broker did not acknowledge a produced record; offsets stay uncommitted."""
+
+
+class MissingTopicError(StreamingError):
+    """A topic the app needs does not exist on the broker."""

@@ -15,6 +15,7 @@ from camoe.settings import TopicSpec
 from services.kafka import create_topics
 from streaming.app import BatchResult, Output, StreamApp
 from streaming.avro import AvroCodec
+from streaming.exceptions import MissingTopicError
 
 CLICKS = AvroCodec("ad_click")
 LETTERS = AvroCodec("dead_letter")
@@ -96,7 +97,7 @@ def test_passthrough_app_delivers_everything_and_dead_letters_garbage(services, 
     assert app.counters["consumed"] == n + 3
 
 
-def test_batch_interval_gathers_a_steady_stream_and_never_holds_a_full_batch(services):
+def test_batch_interval_gathers_in_the_broker_and_never_holds_a_backlog(services):
     _, endpoints = services
     suffix = uuid.uuid4().hex[:8]
     source, sink, dlq = f"in-{suffix}", f"out-{suffix}", f"dlq-{suffix}"
@@ -116,7 +117,7 @@ def test_batch_interval_gathers_a_steady_stream_and_never_holds_a_full_batch(ser
             batches.append((time.monotonic(), len(records)))
         return BatchResult(outputs=[Output(sink, r.value["request_id"], r.value) for r in records])
 
-    def run(interval_s: float, batch_size: int, stop: Event) -> StreamApp:
+    def run(interval_s: float, batch_size: int, stop: Event, max_idle_s: float) -> StreamApp:
         app = StreamApp(
             "gather",
             endpoints.kafka,
@@ -128,43 +129,61 @@ def test_batch_interval_gathers_a_steady_stream_and_never_holds_a_full_batch(ser
             poll_timeout_s=0.05,
             batch_interval_s=interval_s,
         )
-        app.run(handler, stop, max_idle_s=2.0)
+        app.run(handler, stop, max_idle_s=max_idle_s)
         return app
 
-    # A backlog: full batches are taken at once, whatever the interval.
-    send(range(500))
-    started = time.monotonic()
-    run(5.0, 50, Event())
-    assert sum(size for _, size in batches) == 500
-    assert batches[-1][0] - started < 5.0
-    assert all(size == 50 for _, size in batches)
+    # A backlog: while more than FETCH_MIN_BYTES of it (about 60 bytes a record) waits,
+    # the broker answers at once, whatever the interval, and the app takes full batches
+    # back to back; only the last part of it waits, for an interval at most.
+    backlog = 30_000
+    send(range(backlog))
+    run(5.0, 500, Event(), max_idle_s=8.0)
+    assert sum(size for _, size in batches) == backlog
+    assert all(size == 500 for _, size in batches)
+    first = batches[0][0]
+    assert sum(size for when, size in batches if when - first < 1.0) >= 10_000
+    assert batches[-1][0] - first < 6.5
 
     # A steady stream (a record every 10 ms), once the app has its partition (a record
-    # primes it): batches start at least an interval apart, each holding what arrived
-    # meanwhile; nothing is lost. Then, after a pause, a record is taken at once.
+    # primes it): the broker answers the fetch an interval after it came, so batches come
+    # about an interval apart, each holding what arrived meanwhile; nothing is lost. After
+    # a pause, a record waits at most an interval.
     batches.clear()
     stop = Event()
-    app = threading.Thread(target=run, args=(0.5, 500, stop))
+    app = threading.Thread(target=run, args=(0.5, 500, stop, 2.0))
     app.start()
-    send(range(500, 501))
+    send(range(backlog, backlog + 1))
     deadline = time.monotonic() + 30
     while not batches and time.monotonic() < deadline:
         time.sleep(0.05)
     assert batches, "the app did not take the priming record"
     for k in range(15):
-        send(range(501 + 10 * k, 511 + 10 * k))
+        send(range(backlog + 1 + 10 * k, backlog + 11 + 10 * k))
         time.sleep(0.1)
     time.sleep(1.0)
     sent = time.monotonic()
-    send(range(651, 652))
+    send(range(backlog + 151, backlog + 152))
     time.sleep(1.0)
     stop.set()
     app.join(30)
     assert not app.is_alive()
     assert sum(size for _, size in batches) == 152
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(batches[:-1])]
-    assert min(gaps) > 0.49, gaps
+    assert min(gaps) > 0.45, gaps
     assert len(batches) <= 8, batches  # without the interval, one per burst of ten: 17
-    assert batches[-1][1] == 1 and batches[-1][0] - sent < 0.4  # it did not wait 0.5 s
-    out = {CLICKS.decode(v)["request_id"] for v in read_all(endpoints.kafka, sink, 652)}
-    assert out == {f"r{i}" for i in range(652)}
+    assert batches[-1][1] == 1 and batches[-1][0] - sent < 0.8  # an interval, and some
+    out = {CLICKS.decode(v)["request_id"] for v in read_all(endpoints.kafka, sink, backlog + 152)}
+    assert out == {f"r{i}" for i in range(backlog + 152)}
+
+
+def test_partitions_counts_a_topics_partitions_and_names_a_missing_one(services):
+    _, endpoints = services
+    topic = f"counted-{uuid.uuid4().hex[:8]}"
+    create_topics(endpoints.kafka, [TopicSpec(name=topic, partitions=3)])
+    app = StreamApp("counter", endpoints.kafka, "g-counter", {}, {}, "dlq")
+    try:
+        assert app.partitions(topic) == 3
+        with pytest.raises(MissingTopicError, match=r"not on the broker.*camoe stack up"):
+            app.partitions(f"{topic}-missing")
+    finally:
+        app.close()

@@ -436,3 +436,38 @@ def test_top_renders_a_scorers_metrics(world):
     assert "requests 0 " in views[0]
     assert "requests 20 " in views[1] and "/s)" in views[1]
     assert "inference" in views[1] and "end to end" in views[1]
+
+
+@pytest.mark.parametrize("partitioning", ["batch", "key"])
+def test_scores_go_to_one_partition_per_batch_in_turn_or_by_key(world, partitioning):
+    settings, _, sim, server, _ = world
+    s = settings.model_copy(
+        update={
+            "scoring": settings.scoring.model_copy(update={"scores_partitioning": partitioning})
+        }
+    )
+    scorer = Scorer(
+        s,
+        OnlineFeatures(open_store(s.feast), s.feast.feature_service),
+        TritonClient(server["grpc"]),
+        scores_partitions=3,
+    )
+    rng = np.random.default_rng(9)
+    topics = s.kafka.topics
+    chosen = []
+    for _ in range(4):
+        records = [
+            Record("t", 0, i, None, sim.request(rng, int(time.time() * 1000)), b"")
+            for i in range(5)
+        ]
+        outputs = scorer(records).outputs
+        scores = [o for o in outputs if o.topic == topics.ad_scores.name]
+        assert len(scores) == 5 and all(o.key == o.value["request_id"] for o in scores)
+        # The feature log stays partitioned by request id: the labeler joins it with the
+        # clicks partition by partition.
+        assert all(o.partition is None for o in outputs if o.topic == topics.feature_log.name)
+        chosen.append({o.partition for o in scores})
+    if partitioning == "batch":
+        assert chosen == [{1}, {2}, {0}, {1}]
+    else:
+        assert chosen == [{None}] * 4
