@@ -136,17 +136,18 @@ class ScoringSettings(Section):
         ge=0,
         description="how long the broker may hold the scorer's fetch while requests arrive "
         "(0: it answers at once): requests come in batches about this far apart; a backlog "
-        "comes at once. Each batch costs CPU of its own, in the scorer, Triton and the "
-        "broker, whatever its size: at 1,000 requests/s, 10 ms took a sixth less CPU than 0, "
-        "and held in the broker rather than in the scorer, a fifth less broker CPU again",
+        "comes at once but for its last MiB. Each batch costs CPU of its own, in the scorer, "
+        "Triton and the broker, whatever its size: at 1,000 requests/s, 10 ms took a sixth "
+        "less CPU than 0, and held in the broker rather than in the scorer, a sixth to a "
+        "fifth less broker CPU again",
     )
     scores_partitioning: Literal["batch", "key"] = Field(
         default="batch",
         description="where ad-scores records go: 'batch', each batch's to one partition, in "
         "turn (the broker appends, and a reader fetches, one partition per batch instead of "
-        "every partition: at 1,000 requests/s a fifth less broker CPU); 'key', by request id, "
-        "so that a request's duplicates share a partition. The key is the request id either "
-        "way",
+        "every partition: at 1,000 requests/s about a fifth less broker CPU); 'key', by "
+        "request id, so that a request's duplicates share a partition. The key is the "
+        "request id either way",
     )
     linger_ms: float = Field(
         default=0.5,

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 DEAD_LETTERS = AvroCodec("dead_letter")
 ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the key's partitioner chooses
 # With a batch interval, the fetch's wait decides when the broker answers, not its size: a
-# backlog larger than this is answered at once.
+# backlog is answered at once while more than this of it waits.
 FETCH_MIN_BYTES = 1 << 20
 
 
@@ -143,7 +143,8 @@ class StreamApp:
         poll_timeout_s: how long ``consume`` waits for the first record.
         batch_interval_s: how long the broker may hold the consumer's fetch while records
             arrive (0: it answers as soon as there is one). Records then come in batches
-            about this far apart, each what arrived meanwhile; a backlog comes at once.
+            about this far apart, each what arrived meanwhile; a backlog comes at once but
+            for its last ``FETCH_MIN_BYTES``, which waits up to this long.
             Each batch has a cost of its own, whatever its size, in this process and in the
             broker (which serves every fetch partition by partition), so at a steady rate
             fewer, larger batches take less CPU, for up to this much more latency.
