@@ -134,14 +134,15 @@ def test_batch_interval_gathers_in_the_broker_and_never_holds_a_backlog(services
 
     # A backlog: while more than FETCH_MIN_BYTES of it (about 60 bytes a record) waits,
     # the broker answers at once, whatever the interval, and the app takes full batches
-    # back to back; only the last part of it waits, for an interval at most.
+    # back to back (a fetch's last records make a short one); only the last part of the
+    # backlog waits, for an interval at most.
     backlog = 30_000
     send(range(backlog))
     run(5.0, 500, Event(), max_idle_s=8.0)
     assert sum(size for _, size in batches) == backlog
-    assert all(size == 500 for _, size in batches)
     first = batches[0][0]
-    assert sum(size for when, size in batches if when - first < 1.0) >= 10_000
+    at_once = [size for when, size in batches if when - first < 1.0]
+    assert sum(at_once) >= 10_000 and at_once.count(500) >= len(at_once) - 1, at_once
     assert batches[-1][0] - first < 6.5
 
     # A steady stream (a record every 10 ms), once the app has its partition (a record
