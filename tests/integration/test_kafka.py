@@ -188,3 +188,24 @@ def test_partitions_counts_a_topics_partitions_and_names_a_missing_one(services)
             app.partitions(f"{topic}-missing")
     finally:
         app.close()
+
+
+def test_outputs_refused_by_a_full_local_queue_are_queued_again_in_order(services):
+    _, endpoints = services
+    suffix = uuid.uuid4().hex[:8]
+    sink = f"out-{suffix}"
+    create_topics(endpoints.kafka, [TopicSpec(name=sink)])
+    app = StreamApp("full", endpoints.kafka, f"g-{suffix}", {}, {sink: CLICKS}, "dlq")
+    # A local queue of 50 records: a batch of 1,000 outputs overflows it many times over.
+    app._producer = Producer(
+        {"bootstrap.servers": endpoints.kafka, "queue.buffering.max.messages": 50}
+    )
+    n = 1_000
+    clicks = [
+        {"request_id": f"r{i}", "ad_id": "a1", "user_id": "u1", "event_time": i} for i in range(n)
+    ]
+    app.checkpoint(BatchResult(outputs=[Output(sink, c["request_id"], c) for c in clicks]), [], 0)
+    app.flush()
+    out = [CLICKS.decode(v)["request_id"] for v in read_all(endpoints.kafka, sink, n)]
+    assert out == [f"r{i}" for i in range(n)]
+    app.close()
