@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import Future
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -39,13 +40,25 @@ log = logging.getLogger(__name__)
 FALLBACK_VERSION = "fallback"  # the model_version of scores from the prior CTRs
 
 
-# gRPC statuses that mean "Triton is down or busy", worth a retry; any other error is
-# about the inputs themselves.
-TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED")
+# gRPC statuses that describe the server's state, not the request: down or restarting
+# (UNAVAILABLE), no loaded version of the model, or a model that failed to load
+# (NOT_FOUND), overloaded or slow (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED), or a call cut
+# short (CANCELLED, ABORTED). They get retries, then ``scoring.triton_policy``; any other
+# answer is about the inputs themselves and dead-letters only the request that caused it.
+SERVER_STATE = (
+    "UNAVAILABLE",
+    "NOT_FOUND",
+    "DEADLINE_EXCEEDED",
+    "RESOURCE_EXHAUSTED",
+    "CANCELLED",
+    "ABORTED",
+)
 
 
 def _transient(failure: InferenceServerException) -> bool:
-    return any(code in str(failure.status()) for code in TRANSIENT)
+    """True when ``failure`` is about Triton's state (worth a retry, then the policy)."""
+    status = str(failure.status())
+    return any(status.endswith(code) for code in SERVER_STATE)
 
 
 class Wave(NamedTuple):
@@ -60,6 +73,16 @@ class Wave(NamedTuple):
     call: Future[tuple[np.ndarray, str]]
     started: float
     features_done: float
+
+
+class FeatureReader(Protocol):
+    """The online store as the scorer reads it (camoe/feature_store.py: OnlineFeatures)."""
+
+    def read(
+        self, user_ids: Iterable[str], ad_ids: Iterable[str]
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """(users, ads): the features of each known id; an unknown one is absent."""
+        ...
 
 
 class ModelRejected(Exception):
@@ -84,7 +107,7 @@ class Scorer:
     def __init__(
         self,
         settings: Settings,
-        features: Any,
+        features: FeatureReader,
         triton: TritonClient,
         scores_partitions: int | None = None,
     ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,7 +87,9 @@ def _read_until(consumer, scores, expected, timeout_s):
 
 
 @pytest.mark.parametrize("policy", ["fallback", "hold"])
-def test_triton_outage(world, policy):
+def test_triton_outage(world, policy, tmp_path):
+    """Triton killed, then back without a loadable model, then back with it: every request
+    is scored (held or answered by the fallback, as the policy says), none dead-lettered."""
     settings, endpoints, sim, server, model_repo = world
     s = settings.model_copy(
         update={
@@ -97,6 +100,10 @@ def test_triton_outage(world, policy):
     )
     topics = s.kafka.topics
     group = f"scoring-{policy}-{uuid.uuid4().hex[:6]}"
+    broken_repo = tmp_path / "broken_repo"
+    shutil.copytree(model_repo, broken_repo)
+    for model_file in broken_repo.glob("camoe/[0-9]*/model.onnx"):
+        model_file.write_bytes(b"not an onnx file")
     scorer = Scorer(
         s,
         OnlineFeatures(open_store(s.feast), s.feast.feature_service),
@@ -137,22 +144,34 @@ def test_triton_outage(world, policy):
         stop_pid(server["pid"])
         during = set(_send(producer, topics.ad_requests.name, sim, rng, 200))
         time.sleep(4)
+        # Back, but its model cannot load: Triton answers NOT_FOUND ("no available
+        # versions"), which is the server's state, not the requests' fault.
+        server["pid"], server["grpc"], _ = triton.start_server(
+            broken_repo, server["log"], 90, ["camoe"], grpc_port=grpc_port
+        )
+        no_model = set(_send(producer, topics.ad_requests.name, sim, rng, 200))
+        time.sleep(4)
+        stop_pid(server["pid"])
         server["pid"], server["grpc"], _ = triton.start_server(
             model_repo, server["log"], 90, ["camoe"], grpc_port=grpc_port
         )
         after = set(_send(producer, topics.ad_requests.name, sim, rng, 200))
-        _read_until(consumer, scores, before | during | after, 90)
+        _read_until(consumer, scores, before | during | no_model | after, 90)
     finally:
         stop.set()
         thread.join(30)
         consumer.close()
 
-    sent = before | during | after
+    sent = before | during | no_model | after
     assert sent <= set(scores), f"{len(sent - set(scores))} requests never scored"
+    assert app.counters["dead_letters"] == 0, "valid requests dead-lettered for Triton's state"
     versions = {v["model_version"] for r in sent for v in scores[r]}
-    fallback = [v for r in during for v in scores[r] if v["model_version"] == "fallback"]
+    fallback = [v for r in during | no_model for v in scores[r] if v["model_version"] == "fallback"]
     if policy == "fallback":
         assert fallback, "no request was answered by the fallback during the outage"
+        assert any(v["model_version"] == "fallback" for r in no_model for v in scores[r]), (
+            "no request was answered by the fallback while the model could not load"
+        )
         assert all("fallback" in v["flags"] for v in fallback)
         assert scorer.counts["fallback_batches"] > 0
     else:
