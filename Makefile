@@ -9,7 +9,7 @@ TRITON_VENV := .triton-venv
 KAFKA_LIBS := .cache/kafka/libs
 APT_UPDATED := .cache/apt-updated
 
-.PHONY: setup demo test lint clean stack-down
+.PHONY: setup demo test unit lint clean stack-down
 
 setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(KAFKA_LIBS)/.resolved redis-server
 
@@ -22,6 +22,11 @@ test: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest
 	@scripts/no_leftovers.sh
+
+# The fast loop for contributors: lint and the unit tests, no services.
+unit: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -m unit -q
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -550,15 +550,18 @@ def run(
     endpoints = stack.up()
     started_here = [n for n in ("kafka", "triton", "redis") if getattr(before, n) is None]
     scorer = None
+    # The scorer's settings file and log are working files, kept with the stack's logs
+    # rather than beside the results.
+    state = Path(settings.stack.state_dir) / "bench-scoring"
     try:
-        s = _bench_settings(settings, endpoints, out / "state")
+        s = _bench_settings(settings, endpoints, state)
         progress("preparing features (Redis) and the model")
         prepare(s, endpoints)
         create_topics(endpoints.kafka or "", s.kafka.topics.all())
         world = World(s.simulator)
         rng = np.random.default_rng(s.simulator.seed)
         topics = s.kafka.topics
-        config = write_settings(s, out / "state" / "settings.yaml")
+        config = write_settings(s, state / "settings.yaml")
         reader = ScoreReader(endpoints.kafka or "", topics.ad_scores.name)
         first = world.request(rng, 0)  # the load starts once the scorer answers
         warmup = [world.request(rng, 0) for _ in range(int(rate * warmup_s))]
@@ -570,7 +573,7 @@ def run(
         gc.freeze()
 
         progress(f"fixed load: {rate:.0f} requests/s, {warmup_s:.0f}s warm-up + {seconds:.0f}s")
-        scorer = running = _start_scorer(config, out / "state" / "score.log")
+        scorer = running = _start_scorer(config, state / "score.log")
 
         def answering() -> bool:
             return running.poll() is None
@@ -598,7 +601,7 @@ def run(
         backlog = [world.request(rng, 0) for _ in range(requests)]
         _produce(endpoints.kafka or "", topics.ad_requests.name, backlog)
         reader.stages.clear()
-        scorer = _start_scorer(config, out / "state" / "score.log")
+        scorer = _start_scorer(config, state / "score.log")
         _wait_for_drain(
             endpoints.kafka or "", s.scoring.group_id, topics.ad_requests.name, scorer, 600
         )

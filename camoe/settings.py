@@ -40,7 +40,7 @@ class TopicSpec(Section):
 
 
 class TopicsSettings(Section):
-    """Topic names and partition counts; DESIGN.md describes each contract."""
+    """Topic names and partition counts; the record schemas are in ``streaming/schemas/``."""
 
     ad_requests: TopicSpec = TopicSpec(name="ad-requests", partitions=4)
     ad_scores: TopicSpec = TopicSpec(name="ad-scores", partitions=4)
@@ -210,6 +210,11 @@ class TrainerSettings(Section):
     group_id: str = "camoe-trainer"
     batch_size: int = Field(default=256, description="the offline fit of version 1")
     learning_rate: float = Field(default=3e-3, description="the offline fit of version 1")
+    consume_batch: int = Field(
+        default=1024,
+        gt=0,
+        description="labelled events the trainer takes from Kafka at most per poll",
+    )
     online_batch_size: int = Field(
         default=64,
         gt=0,
@@ -218,8 +223,9 @@ class TrainerSettings(Section):
     )
     online_learning_rate: float = Field(
         default=2e-3,
-        description="the incremental trainer's: offline replays of recorded loops put 2e-3 "
-        "with batches of 64 ahead of 5e-4 with 256 on every format, level with 3e-3",
+        gt=0,
+        description="the incremental trainer's step size (Adam): large enough that a few "
+        "thousand events move the model, small enough that the quality gate passes it",
     )
     publish_every_examples: int = 2_000
     publish_every_s: float = Field(

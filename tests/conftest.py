@@ -3,6 +3,9 @@
 Kafka and Redis run in testcontainers when a Docker daemon answers, else as local
 processes (the stack); Triton always runs as the local CPU server. Everything works in
 temporary copies of the Feast and model repositories and stops at the end.
+
+Each test is marked by its folder: ``unit`` (logic, no service; ``make unit``),
+``integration`` (against the real services) and ``e2e`` (the whole loop).
 """
 
 from __future__ import annotations
@@ -20,6 +23,17 @@ from services.containers import start_container
 from services.stack import Endpoints, Stack
 
 log = logging.getLogger(__name__)
+
+KINDS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks each test with its folder's kind, so ``-m unit`` selects the fast loop."""
+    for item in items:
+        kind = item.path.parent.name
+        if kind not in KINDS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/{{{','.join(KINDS)}}}/")
+        item.add_marker(kind)
 
 
 def copy_repos(root: Path) -> tuple[Path, Path]:
