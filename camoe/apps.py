@@ -197,7 +197,7 @@ def run_trainer(settings: Settings, stop: Event) -> None:
         t.group_id,
         ("labelled_events",),
         ("model_updates",),
-        t.consume_batch,
+        t.batch_size * 4,
     )
     log.info(
         "incremental trainer running (publish every %d examples or %.0fs)",

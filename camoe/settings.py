@@ -210,11 +210,6 @@ class TrainerSettings(Section):
     group_id: str = "camoe-trainer"
     batch_size: int = Field(default=256, description="the offline fit of version 1")
     learning_rate: float = Field(default=3e-3, description="the offline fit of version 1")
-    consume_batch: int = Field(
-        default=1024,
-        gt=0,
-        description="labelled events the trainer takes from Kafka at most per poll",
-    )
     online_batch_size: int = Field(
         default=64,
         gt=0,
