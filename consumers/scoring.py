@@ -55,7 +55,7 @@ SERVER_STATE = (
 )
 
 
-def _transient(failure: InferenceServerException) -> bool:
+def _server_state(failure: InferenceServerException) -> bool:
     """True when ``failure`` is about Triton's state (worth a retry, then the policy)."""
     status = str(failure.status())
     return any(status.endswith(code) for code in SERVER_STATE)
@@ -136,7 +136,7 @@ class Scorer:
             try:
                 return self.triton.infer(categorical, numeric, fmt)
             except InferenceServerException as failure:
-                if not _transient(failure):
+                if not _server_state(failure):
                     raise ModelRejected(str(failure)) from None  # retrying cannot help
                 error = failure
                 time.sleep(s.triton_backoff_s * 2**attempt)
@@ -254,7 +254,7 @@ class Scorer:
         try:
             return wave.call.result(self.triton.timeout_s + 5)
         except InferenceServerException as failure:
-            if not _transient(failure):
+            if not _server_state(failure):
                 raise ModelRejected(str(failure)) from None
         except TimeoutError:  # no answer, not even the client's own deadline
             pass

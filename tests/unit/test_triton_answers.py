@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from consumers.scoring import _transient
+from consumers.scoring import _server_state
 
 
 @pytest.mark.parametrize(
@@ -20,11 +20,11 @@ from consumers.scoring import _transient
     ],
 )
 def test_the_servers_state_gets_the_policy(status):
-    assert _transient(InferenceServerException("camoe has no available versions", status))
+    assert _server_state(InferenceServerException("camoe has no available versions", status))
 
 
 @pytest.mark.parametrize(
     "status", ["StatusCode.INVALID_ARGUMENT", "StatusCode.INTERNAL", "StatusCode.UNKNOWN", None]
 )
 def test_the_requests_fault_is_dead_lettered(status):
-    assert not _transient(InferenceServerException("unexpected shape for input", status))
+    assert not _server_state(InferenceServerException("unexpected shape for input", status))
