@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   runs the whole loop for about a minute and prints a summary
+#   make demo   runs the whole loop for a few minutes and prints a summary
 #   make test   runs the test suite
 # `make setup` alone installs what both need; every step is skipped when already done.
 
@@ -8,8 +8,9 @@ VENV := .venv
 TRITON_VENV := .triton-venv
 KAFKA_LIBS := .cache/kafka/libs
 APT_UPDATED := .cache/apt-updated
+UV_VERSION := 0.13.9
 
-.PHONY: setup demo test unit lint clean stack-down
+.PHONY: setup demo test unit lint lock clean stack-down
 
 setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(KAFKA_LIBS)/.resolved redis-server
 
@@ -31,28 +32,36 @@ unit: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
+# Re-resolves both lock files from pyproject.toml and scripts/triton-runtime.txt.
+lock: $(VENV)/.installed
+	$(VENV)/bin/uv lock
+	$(VENV)/bin/uv pip compile -q scripts/triton-runtime.txt -o scripts/triton-runtime.lock \
+	    --python-version 3.11
+
 stack-down:
 	-$(VENV)/bin/camoe stack down
 
-$(VENV)/.installed: pyproject.toml
+# Installed from the lock files (uv.lock, scripts/triton-runtime.lock): every machine gets
+# the versions the suite was run with. After changing a dependency: `make lock`.
+$(VENV)/.installed: pyproject.toml uv.lock
 	@PYTHON=$(PYTHON) scripts/require.sh python
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --upgrade pip uv
-	$(VENV)/bin/uv pip install --python $(VENV)/bin/python -q -e '.[dev]'
+	$(VENV)/bin/python -m pip install -q --upgrade pip uv==$(UV_VERSION)
+	$(VENV)/bin/uv sync --frozen --inexact --extra dev --python $(VENV)/bin/python -q
 	touch $@
 
 # Triton's Python backend needs numpy < 2 where the stub runs; Feast needs numpy >= 2.
-$(TRITON_VENV)/.installed: scripts/triton-runtime.txt
+$(TRITON_VENV)/.installed: scripts/triton-runtime.lock
 	@PYTHON=$(PYTHON) scripts/require.sh python
 	$(PYTHON) -m venv $(TRITON_VENV)
-	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip uv
-	$(TRITON_VENV)/bin/uv pip install --python $(TRITON_VENV)/bin/python -q -r scripts/triton-runtime.txt
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip uv==$(UV_VERSION)
+	$(TRITON_VENV)/bin/uv pip install --python $(TRITON_VENV)/bin/python -q -r scripts/triton-runtime.lock
 	$(TRITON_VENV)/bin/python scripts/install_triton_stub.py
 	touch $@
 
-$(KAFKA_LIBS)/.resolved: services/pom.xml
+$(KAFKA_LIBS)/.resolved: camoe/stack/pom.xml
 	@scripts/require.sh java maven
-	mvn -q -B -f services/pom.xml dependency:copy-dependencies \
+	mvn -q -B -f camoe/stack/pom.xml dependency:copy-dependencies \
 	    -DoutputDirectory=$(CURDIR)/$(KAFKA_LIBS) -DincludeScope=runtime
 	touch $@
 

@@ -7,15 +7,15 @@ import gc
 import logging
 from threading import Event
 
-from camoe.feature_store import OnlineFeatures, counter_pusher, open_store
-from camoe.settings import Settings
+from camoe.clients.feature_store import OnlineFeatures, counter_pusher, open_store
+from camoe.clients.kafka import cluster_id
+from camoe.clients.triton import TritonClient
+from camoe.settings import Settings, StreamSettings
+from camoe.stack.stack import Endpoints, Stack
+from camoe.streaming.app import StreamApp
+from camoe.streaming.avro import codec_for
 from consumers.labeler import Labeler
 from consumers.scoring import Scorer
-from services.kafka import cluster_id
-from services.stack import Endpoints, Stack
-from services.triton import TritonClient
-from streaming.app import StreamApp
-from streaming.avro import codec_for
 
 log = logging.getLogger(__name__)
 
@@ -60,32 +60,19 @@ def _codecs(settings: Settings, *fields: str) -> dict[str, object]:
 def _app(
     settings: Settings,
     name: str,
-    group_id: str,
+    options: StreamSettings,
     sources: tuple[str, ...],
     sinks: tuple[str, ...],
-    batch_size: int,
-    guarantee: str = "at-least-once",
-    in_flight_batches: int = 4,
-    commit_interval_s: float = 0.0,
-    poll_timeout_s: float = 0.1,
-    linger_ms: float = 2.0,
-    batch_interval_s: float = 0.0,
 ) -> StreamApp:
+    """The stream app of component ``name``, built from its settings section."""
     endpoints = endpoints_for(settings, "kafka")
     return StreamApp(
         name=name,
-        bootstrap_servers=endpoints.kafka,
-        group_id=group_id,
+        bootstrap_servers=endpoints.kafka or "",
         sources=_codecs(settings, *sources),
         sinks=_codecs(settings, *sinks),
         dead_letter_topic=settings.kafka.topics.dead_letters.name,
-        guarantee=guarantee,
-        batch_size=batch_size,
-        in_flight_batches=in_flight_batches,
-        commit_interval_s=commit_interval_s,
-        poll_timeout_s=poll_timeout_s,
-        linger_ms=linger_ms,
-        batch_interval_s=batch_interval_s,
+        options=options,
         instance_id=f"{name}-{settings.worker_id}",
     )
 
@@ -105,20 +92,7 @@ def run_scoring(settings: Settings, stop: Event) -> None:
         settings.triton.timeout_s,
         max_in_flight=2,  # the wave being scored and the next (consumers/scoring.py)
     )
-    app = _app(
-        settings,
-        "scoring",
-        s.group_id,
-        ("ad_requests",),
-        ("ad_scores", "feature_log"),
-        s.batch_size,
-        s.guarantee,
-        s.in_flight_batches,
-        s.commit_interval_s,
-        s.poll_timeout_s,
-        s.linger_ms,
-        s.batch_interval_ms / 1000,
-    )
+    app = _app(settings, "scoring", s, ("ad_requests",), ("ad_scores", "feature_log"))
     scorer = Scorer(
         settings, features, triton, app.partitions(settings.kafka.topics.ad_scores.name)
     )
@@ -133,7 +107,7 @@ def run_scoring(settings: Settings, stop: Event) -> None:
 
 
 def run_labeler(settings: Settings, stop: Event) -> None:
-    from streaming.changelog import read_changelog
+    from camoe.streaming.changelog import read_changelog
 
     endpoints = endpoints_for(settings, "kafka")
     topics = settings.kafka.topics
@@ -147,11 +121,9 @@ def run_labeler(settings: Settings, stop: Event) -> None:
     app = _app(
         settings,
         "labeler",
-        settings.labeler.group_id,
+        settings.labeler,
         ("feature_log", "ad_clicks"),
         ("labelled_events", "labeler_state"),
-        settings.labeler.batch_size,
-        "exactly-once",  # the state changelog must commit with the labels it goes with
     )
     state, bootstrap = topics.labeler_state.name, endpoints.kafka or ""
     labeler = Labeler(
@@ -191,14 +163,7 @@ def run_trainer(settings: Settings, stop: Event) -> None:
         cluster_id(endpoints.kafka or ""),
         resume,
     )
-    app = _app(
-        settings,
-        "trainer",
-        t.group_id,
-        ("labelled_events",),
-        ("model_updates",),
-        t.batch_size * 4,
-    )
+    app = _app(settings, "trainer", t, ("labelled_events",), ("model_updates",))
     log.info(
         "incremental trainer running (publish every %d examples or %.0fs)",
         t.publish_every_examples,

@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 from threading import Event
 
-from camoe.settings import Settings
+from pydantic import ValidationError
+
+from camoe.settings import Settings, describe
 
 
 def _stop_event() -> Event:
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported here: `camoe stack status` should not pay for torch and Feast.
     from camoe.apps import NotRunningError
-    from services.exceptions import StackError
+    from camoe.stack.exceptions import StackError
 
     if args.command not in ("score", "label", "train"):
         # Long commands own services and processes: SIGTERM unwinds them like Ctrl-C, so
@@ -105,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         settings = Settings()
+    except ValidationError as error:
+        print(f"camoe: {describe(error)}", file=sys.stderr)
+        return 2
+    try:
         return _run(args, settings)
     except (StackError, NotRunningError, FileNotFoundError, ValueError) as error:
         print(f"camoe: {error}", file=sys.stderr)
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from services.stack import Stack
+    from camoe.stack.stack import Stack
 
     if args.command == "stack":
         stack = Stack(settings)
@@ -125,12 +131,12 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{name:>7}: {line}")
         return 0
     if args.command == "prepare":
-        from camoe.pipeline import prepare
+        from camoe.sim.loop import prepare
 
         prepare(settings, Stack(settings).endpoints())
         return 0
     if args.command == "score" and args.workers > 1:
-        from camoe.pipeline import supervise
+        from camoe.supervisor import supervise
 
         return supervise(settings, Stack(settings).endpoints(), args.workers, _stop_event())
     if args.command in ("score", "label", "train"):
@@ -152,7 +158,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 0
     if args.command == "bench" and args.name == "scoring":
-        from bench import scoring
+        from camoe.bench import scoring
 
         scoring.run(
             settings,
@@ -165,7 +171,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 0
     if args.command == "bench" and args.name == "freshness":
-        from bench import freshness
+        from camoe.bench import freshness
 
         freshness.run(
             settings,
@@ -175,7 +181,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 0
     if args.command == "bench":
-        from bench import quality
+        from camoe.bench import quality
 
         if args.sim_config is not None:
             import yaml
@@ -193,8 +199,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 0
     if args.command == "demo":
-        from bench.freshness import reporter, summary_lines
-        from camoe.pipeline import demo_settings, print_summary, run_loop
+        from camoe.bench.freshness import reporter, summary_lines
+        from camoe.sim.loop import demo_settings, print_summary, run_loop
 
         settings = demo_settings(settings)
         duration = args.duration if args.duration is not None else settings.demo.duration_s

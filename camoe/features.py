@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,17 +37,93 @@ N_COUNTRIES = 10
 N_CATEGORIES = 10
 AFFINITY_DIM = 4
 
-FEATURE_SERVICE = "camoe_v1"
-# Feast feature references in the order the layout reads them.
-USER_PROFILE = ["age_bucket", "country", "premium", "activity"] + [
-    f"affinity_{i}" for i in range(AFFINITY_DIM)
+Kind = Literal["categorical", "numeric", "counter"]
+# Where a feature's value comes from: the request, or a Feast feature view (by name).
+Source = Literal[
+    "candidate", "context", "user_profile", "ad_profile", "user_counters", "ad_counters"
 ]
-AD_PROFILE = ["campaign_index", "category", "quality"] + [
-    f"ad_affinity_{i}" for i in range(AFFINITY_DIM)
-]
-USER_COUNTERS = ["user_impressions", "user_clicks"]
-STORED_CATEGORICAL = ("age_bucket", "country", "premium", "campaign_index", "category")
-AD_COUNTERS = ["ad_impressions", "ad_clicks"]
+# Each feature view's entity (its join key is ``<entity>_id``).
+VIEW_ENTITIES = {
+    "user_profile": "user",
+    "ad_profile": "ad",
+    "user_counters": "user",
+    "ad_counters": "ad",
+}
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One input of the model.
+
+    Args:
+        name: the Feast field, simulator column and feature-log name of the raw value.
+        kind: ``categorical``: an int64 index, 0 for unknown; ``numeric``: float32;
+            ``counter``: an event count, fed to the model as float32 ``log1p(count)``
+            under the name ``log1p_<name>``.
+        source: ``candidate`` or ``context`` (read from the ad request), or the Feast
+            feature view that stores it.
+        vocabulary: categorical only: the values in index order from 1 (a request's
+            strings), or how many values a stored index takes (1..n); None: sized by
+            ``features.n_campaigns``.
+    """
+
+    name: str
+    kind: Kind
+    source: Source
+    vocabulary: tuple[str, ...] | int | None = None
+
+    @property
+    def input_name(self) -> str:
+        """The feature's name in the model's arrays."""
+        return f"log1p_{self.name}" if self.kind == "counter" else self.name
+
+
+def _affinities(prefix: str, source: Source) -> tuple[Feature, ...]:
+    return tuple(Feature(f"{prefix}_{i}", "numeric", source) for i in range(AFFINITY_DIM))
+
+
+# The model's inputs, in array order: the categorical ones make the ``categorical``
+# (B, 11) int64 array, the numeric and counter ones the ``numeric`` (B, 15) float32 array.
+# Feast's definitions and both Triton configs are tested against this declaration.
+FEATURES: tuple[Feature, ...] = (
+    Feature("format", "categorical", "candidate", FORMATS),
+    Feature("content_type", "categorical", "context", CONTENT_TYPES),
+    Feature("foreground", "categorical", "context", ("background", "foreground")),
+    Feature("device", "categorical", "context", DEVICES),
+    Feature("hour", "categorical", "context", 24),  # hour 0..23 is index 1..24
+    Feature("placement", "categorical", "context", PLACEMENTS),
+    Feature("age_bucket", "categorical", "user_profile", N_AGE_BUCKETS),
+    Feature("country", "categorical", "user_profile", N_COUNTRIES),
+    Feature("premium", "categorical", "user_profile", 2),
+    Feature("campaign_index", "categorical", "ad_profile"),
+    Feature("category", "categorical", "ad_profile", N_CATEGORIES),
+    Feature("activity", "numeric", "user_profile"),
+    Feature("bid", "numeric", "candidate"),
+    *_affinities("affinity", "user_profile"),
+    Feature("quality", "numeric", "ad_profile"),
+    *_affinities("ad_affinity", "ad_profile"),
+    Feature("user_impressions", "counter", "user_counters"),
+    Feature("user_clicks", "counter", "user_counters"),
+    Feature("ad_impressions", "counter", "ad_counters"),
+    Feature("ad_clicks", "counter", "ad_counters"),
+)
+
+
+def stored(view: str, kind: Kind | None = None) -> list[str]:
+    """The fields of Feast feature view ``view`` (of one ``kind``), in array order."""
+    return [f.name for f in FEATURES if f.source == view and kind in (None, f.kind)]
+
+
+USER_PROFILE = stored("user_profile")
+AD_PROFILE = stored("ad_profile")
+USER_COUNTERS = stored("user_counters")
+AD_COUNTERS = stored("ad_counters")
+NUMERIC_FEATURES = [f.input_name for f in FEATURES if f.kind != "categorical"]
+USER_CATEGORICAL = tuple(stored("user_profile", "categorical"))
+AD_CATEGORICAL = tuple(stored("ad_profile", "categorical"))
+CONTEXT_CATEGORICAL = tuple(f.name for f in FEATURES if f.source == "context")
+USER_NUMERIC = stored("user_profile", "numeric")
+AD_NUMERIC = stored("ad_profile", "numeric")
 
 
 @dataclass(frozen=True)
@@ -57,28 +133,18 @@ class CategoricalFeature:
 
 
 def categorical_features(n_campaigns: int) -> list[CategoricalFeature]:
+    """The categorical inputs in array order, each with its cardinality."""
+
+    def values(vocabulary: tuple[str, ...] | int | None) -> int:
+        if vocabulary is None:
+            return n_campaigns
+        return vocabulary if isinstance(vocabulary, int) else len(vocabulary)
+
     return [
-        CategoricalFeature("format", len(FORMATS) + 1),
-        CategoricalFeature("content_type", len(CONTENT_TYPES) + 1),
-        CategoricalFeature("foreground", 3),
-        CategoricalFeature("device", len(DEVICES) + 1),
-        CategoricalFeature("hour", 25),
-        CategoricalFeature("placement", len(PLACEMENTS) + 1),
-        CategoricalFeature("age_bucket", N_AGE_BUCKETS + 1),
-        CategoricalFeature("country", N_COUNTRIES + 1),
-        CategoricalFeature("premium", 3),
-        CategoricalFeature("campaign_index", n_campaigns + 1),
-        CategoricalFeature("category", N_CATEGORIES + 1),
+        CategoricalFeature(f.name, values(f.vocabulary) + 1)
+        for f in FEATURES
+        if f.kind == "categorical"
     ]
-
-
-NUMERIC_FEATURES = (
-    ["activity", "bid"]
-    + [f"affinity_{i}" for i in range(AFFINITY_DIM)]
-    + ["quality"]
-    + [f"ad_affinity_{i}" for i in range(AFFINITY_DIM)]
-    + [f"log1p_{name}" for name in USER_COUNTERS + AD_COUNTERS]
-)
 
 
 def _index(vocabulary: tuple[str, ...], value: str) -> int:
@@ -114,13 +180,6 @@ def format_index(name: str) -> int:
         return FORMATS.index(name)
     except ValueError:
         raise ValueError(f"unknown ad format {name!r}; expected one of {FORMATS}") from None
-
-
-USER_CATEGORICAL = STORED_CATEGORICAL[:3]
-AD_CATEGORICAL = STORED_CATEGORICAL[3:]
-CONTEXT_CATEGORICAL = ("content_type", "foreground", "device", "hour", "placement")
-USER_NUMERIC = ["activity", *(f"affinity_{i}" for i in range(AFFINITY_DIM))]
-AD_NUMERIC = ["quality", *(f"ad_affinity_{i}" for i in range(AFFINITY_DIM))]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -40,7 +40,7 @@ class TopicSpec(Section):
 
 
 class TopicsSettings(Section):
-    """Topic names and partition counts; the record schemas are in ``streaming/schemas/``."""
+    """Topic names and partition counts; the record schemas are in ``camoe/streaming/schemas/``."""
 
     ad_requests: TopicSpec = TopicSpec(name="ad-requests", partitions=4)
     ad_scores: TopicSpec = TopicSpec(name="ad-scores", partitions=4)
@@ -74,6 +74,11 @@ class TritonSettings(Section):
     model_name: str = "camoe"
     model_repo: Path = ROOT / "model_repo"
     timeout_s: float = 5.0
+    max_batch_size: int = Field(
+        default=4096,
+        gt=0,
+        description="most rows per inference: max_batch_size of the model's config.pbtxt",
+    )
 
 
 class RedisSettings(Section):
@@ -86,13 +91,26 @@ class FeastSettings(Section):
     feature_service: str = "camoe_v1"
 
 
+class FeaturesSettings(Section):
+    """Sizes of the model's inputs that are not fixed by the schema (camoe/features.py)."""
+
+    n_campaigns: int = Field(
+        default=40,
+        gt=0,
+        description="campaign vocabulary: campaign_index runs 1..n_campaigns, any other "
+        "index is unknown (0); it sizes the model's campaign embedding",
+    )
+
+
 class SimulatorSettings(Section):
-    """Parameters of the traffic simulator's generative model (see simulator/traffic.py)."""
+    """Parameters of the traffic simulator's generative model (see camoe/sim/traffic.py)."""
 
     seed: int = 7
     n_users: int = 2_000
     n_ads: int = 200
-    n_campaigns: int = 40
+    n_campaigns: int = Field(
+        default=40, description="campaigns of the simulated world, at most features.n_campaigns"
+    )
     candidates_per_request: int = 4
     format_shares: dict[str, float] = {"audio": 0.70, "video": 0.10, "display": 0.20}
     base_ctr: dict[str, float] = {"audio": 0.002, "video": 0.006, "display": 0.004}
@@ -119,60 +137,84 @@ class SimulatorSettings(Section):
     )
 
 
-class ScoringSettings(Section):
-    group_id: str = "camoe-scoring"
+class StreamSettings(Section):
+    """A stream app's options (camoe/streaming/app.py builds the app from them); each
+    component's section holds them, with defaults of its own."""
+
+    group_id: str
+    guarantee: DeliveryGuarantee = "at-least-once"
     batch_size: int = Field(
-        default=512,
-        description="most requests per batch; a batch is what has arrived (within "
-        "batch_interval_ms), so at low rates batches stay small and only a backlog fills "
-        "them",
+        default=500,
+        gt=0,
+        description="most records per batch; a batch is what has arrived (within "
+        "batch_interval_ms), so at low rates batches stay small and only a backlog fills them",
     )
     poll_timeout_s: float = Field(
-        default=0.05,
-        description="longest wait for a first request; a request that arrives ends it",
+        default=0.1, gt=0, description="longest wait for a first record of a batch"
     )
     batch_interval_ms: float = Field(
-        default=10.0,
+        default=0.0,
         ge=0,
-        description="how long the broker may hold the scorer's fetch while requests arrive "
-        "(0: it answers at once): requests come in batches about this far apart; a backlog "
-        "comes at once but for its last MiB. Each batch costs CPU of its own, in the scorer, "
-        "Triton and the broker, whatever its size: at 1,000 requests/s, 10 ms took a sixth "
-        "less CPU than 0, and held in the broker rather than in the scorer, a sixth to a "
-        "fifth less broker CPU again",
+        description="how long the broker may hold a fetch while records arrive (0: it "
+        "answers at once): records come in batches about this far apart, a backlog at once "
+        "but for its last MiB. Each batch has a cost of its own in this process and in the "
+        "broker, whatever its size: larger batches take less CPU for up to this much more "
+        "latency",
     )
+    in_flight_batches: int = Field(
+        default=4,
+        ge=0,
+        description="at-least-once: how many full batches of records (in_flight_batches x "
+        "batch_size) may await the broker's acknowledgement of their outputs, offsets not "
+        "yet committed, while the next is processed; a crash re-processes at most these and "
+        "the batch in hand",
+    )
+    commit_interval_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="at-least-once: least seconds between two offset commits (sooner when "
+        "the uncommitted records exceed in_flight_batches full batches); each commit is a "
+        "write to the broker's offsets log",
+    )
+    linger_ms: float = Field(
+        default=2.0,
+        ge=0,
+        description="the producer's wait for more records per request; a batch's outputs "
+        "are produced in one burst, so it need only cover that",
+    )
+
+
+def stream_default(name: str, default: Any) -> Any:
+    """A component's own default for StreamSettings field ``name``, keeping its rules and
+    description."""
+    return FieldInfo.merge_field_infos(StreamSettings.model_fields[name], default=default)
+
+
+class ScoringSettings(StreamSettings):
+    group_id: str = "camoe-scoring"
+    batch_size: int = stream_default("batch_size", 512)
+    poll_timeout_s: float = stream_default("poll_timeout_s", 0.05)
+    batch_interval_ms: float = stream_default("batch_interval_ms", 10.0)
     scores_partitioning: Literal["batch", "key"] = Field(
         default="batch",
         description="where ad-scores records go: 'batch', each batch's to one partition, in "
         "turn (the broker appends, and a reader fetches, one partition per batch instead of "
-        "every partition: at 1,000 requests/s about a fifth less broker CPU); 'key', by "
-        "request id, so that a request's duplicates share a partition. The key is the "
-        "request id either way",
+        "every partition); 'key', by request id, so that a request's duplicates share a "
+        "partition. The key is the request id either way",
     )
-    linger_ms: float = Field(
-        default=0.5,
-        description="the producer's wait for more records per request: a batch's outputs "
-        "are produced in one burst, so it need only cover that (at 2 ms, the scores' hop to "
-        "a reader took 1.7 ms longer at p50 and the broker no less CPU)",
+    linger_ms: float = stream_default("linger_ms", 0.5)
+    commit_interval_s: float = stream_default("commit_interval_s", 0.1)
+    max_candidates: int = Field(
+        default=32,
+        gt=0,
+        description="most candidates of one request; a request with more is dead-lettered",
     )
-    guarantee: DeliveryGuarantee = "at-least-once"
-    in_flight_batches: int = Field(
-        default=4,
-        description="at-least-once: how many full batches of requests (in_flight_batches x "
-        "batch_size) may await the broker's acknowledgement of their scores, offsets not "
-        "yet committed, while the next is scored; a crash re-scores at most these and the "
-        "batch being scored",
-    )
-    commit_interval_s: float = Field(
-        default=0.1,
-        description="at-least-once: least seconds between two offset commits (sooner when "
-        "the uncommitted requests exceed in_flight_batches full batches)",
-    )
-    max_candidates: int = 64
     triton_chunk_requests: int = Field(
         default=128,
+        gt=0,
         description="requests per Triton call (a wave): while Triton scores one wave of a "
-        "batch, the scorer prepares the next and builds the previous one's outputs",
+        "batch, the scorer prepares the next and builds the previous one's outputs. A wave "
+        "of requests with max_candidates each must fit triton.max_batch_size",
     )
     triton_retries: int = 3
     triton_backoff_s: float = Field(default=0.05, description="doubles after each retry")
@@ -200,16 +242,22 @@ class ScoringSettings(Section):
     )
 
 
-class LabelerSettings(Section):
+class LabelerSettings(StreamSettings):
     group_id: str = "camoe-labeler"
+    # Its state changelog must commit with the labels it goes with.
+    guarantee: Literal["exactly-once"] = "exactly-once"
     attribution_window_s: float = 10.0
-    batch_size: int = 500
 
 
-class TrainerSettings(Section):
+class TrainerSettings(StreamSettings):
     group_id: str = "camoe-trainer"
-    batch_size: int = Field(default=256, description="the offline fit of version 1")
-    learning_rate: float = Field(default=3e-3, description="the offline fit of version 1")
+    # Offsets are committed with the trainer's checkpoint (trainer/online.py).
+    guarantee: Literal["at-least-once"] = "at-least-once"
+    batch_size: int = stream_default("batch_size", 1024)
+    pretrain_batch_size: int = Field(default=256, gt=0, description="the offline fit of version 1")
+    pretrain_learning_rate: float = Field(
+        default=3e-3, gt=0, description="the offline fit of version 1"
+    )
     online_batch_size: int = Field(
         default=64,
         gt=0,
@@ -328,6 +376,7 @@ class Settings(BaseSettings):
     triton: TritonSettings = TritonSettings()
     redis: RedisSettings = RedisSettings()
     feast: FeastSettings = FeastSettings()
+    features: FeaturesSettings = FeaturesSettings()
     simulator: SimulatorSettings = SimulatorSettings()
     scoring: ScoringSettings = ScoringSettings()
     labeler: LabelerSettings = LabelerSettings()
@@ -336,6 +385,24 @@ class Settings(BaseSettings):
     stack: StackSettings = StackSettings()
     demo: DemoSettings = DemoSettings()
     bench: BenchSettings = BenchSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        """Constraints across sections, checked when the settings load."""
+        s = self.scoring
+        wave = s.triton_chunk_requests * s.max_candidates
+        if wave > self.triton.max_batch_size:
+            raise ValueError(
+                f"a wave of scoring.triton_chunk_requests x scoring.max_candidates = {wave} "
+                f"rows exceeds triton.max_batch_size {self.triton.max_batch_size}: lower one "
+                "of the two, or raise max_batch_size in config.pbtxt and triton.max_batch_size"
+            )
+        if self.simulator.n_campaigns > self.features.n_campaigns:
+            raise ValueError(
+                f"simulator.n_campaigns {self.simulator.n_campaigns} exceeds the model's "
+                f"campaign vocabulary features.n_campaigns {self.features.n_campaigns}"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -388,3 +455,13 @@ class YamlFileSource(PydanticBaseSettingsSource):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the config file must be a mapping of sections")
         return data
+
+
+def describe(error: ValidationError) -> str:
+    """A settings error as one line: each wrong key and what is wrong with it."""
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}" if where else message)
+    return "invalid settings: " + "; ".join(problems)

@@ -49,7 +49,7 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
-from streaming.app import BatchResult, Output, Record
+from camoe.streaming.app import BatchResult, Output, Record
 
 log = logging.getLogger(__name__)
 

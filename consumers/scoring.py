@@ -3,7 +3,7 @@ the feature log.
 
 Per batch of requests (what has arrived, up to ``scoring.batch_size``): validate each
 request; read the features of its distinct users and ads from the online store
-(camoe/feature_store.py) and build every candidate's model inputs with numpy
+(camoe/clients/feature_store.py) and build every candidate's model inputs with numpy
 (camoe/features.py) and send them to Triton, in waves of
 ``scoring.triton_chunk_requests`` requests: while Triton scores one wave, the next one's
 features and inputs are prepared and the previous one's outputs built; rank each
@@ -27,12 +27,12 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from camoe.clients.triton import InferenceServerException, TritonClient
 from camoe.features import FORMATS, Encoded, FeatureLayout, is_float32
 from camoe.settings import Settings
+from camoe.streaming.app import BatchResult, Output, Record
+from camoe.streaming.exceptions import RetryLater
 from consumers.metrics import ScoringMetrics
-from services.triton import InferenceServerException, TritonClient
-from streaming.app import BatchResult, Output, Record
-from streaming.exceptions import RetryLater
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Wave(NamedTuple):
 
 
 class FeatureReader(Protocol):
-    """The online store as the scorer reads it (camoe/feature_store.py: OnlineFeatures)."""
+    """The online store as the scorer reads it (camoe/clients/feature_store.py: OnlineFeatures)."""
 
     def read(
         self, user_ids: Iterable[str], ad_ids: Iterable[str]
@@ -114,7 +114,7 @@ class Scorer:
         self.settings = settings
         self.features = features
         self.triton = triton
-        self.layout = FeatureLayout(settings.simulator.n_campaigns)
+        self.layout = FeatureLayout(settings.features.n_campaigns)
         topics = settings.kafka.topics
         self.scores_topic = topics.ad_scores.name
         self.feature_log_topic = topics.feature_log.name

@@ -1,5 +1,6 @@
 """Feast definitions, in dependency order: entities, sources, feature views, push sources,
-feature services. Offline data is written into ``data/`` by the traffic simulator."""
+feature services. Offline data is written into ``data/`` by the traffic simulator. The fields
+and their types are the feature schema of camoe/features.py (tests/unit/test_schema.py)."""
 
 from datetime import timedelta
 

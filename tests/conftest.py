@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from camoe.settings import ROOT, Settings
-from services.containers import start_container
-from services.stack import Endpoints, Stack
+from camoe.stack.stack import Endpoints, Stack
+from tests.containers import start_container
 
 log = logging.getLogger(__name__)
 

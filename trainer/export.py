@@ -31,7 +31,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from services.triton import InferenceServerException, TritonClient
+from camoe.clients.triton import InferenceServerException, TritonClient
 from trainer.model import ServingModel
 
 log = logging.getLogger(__name__)

@@ -146,7 +146,7 @@ def validate_batch(
 
 def build_camoe(settings: Settings) -> CAMoE:
     """CAMoE sized for the feature layout; constructor keywords are ``settings.model``'s keys."""
-    layout = FeatureLayout(settings.simulator.n_campaigns)
+    layout = FeatureLayout(settings.features.n_campaigns)
     return CAMoE(
         cardinalities=[f.cardinality for f in layout.categorical],
         n_numeric=layout.n_numeric,

@@ -55,7 +55,7 @@ from torch import nn
 
 from camoe.features import format_index
 from camoe.settings import Settings
-from streaming.app import BatchResult, Output, Record
+from camoe.streaming.app import BatchResult, Output, Record
 from trainer.export import Batch, Publisher, PublishError
 from trainer.metrics import per_format
 from trainer.model import masked_bce, select_task

@@ -5,9 +5,9 @@ version 1 on every format."""
 
 from __future__ import annotations
 
-from bench.freshness import reporter, summary_lines
+from camoe.bench.freshness import reporter, summary_lines
 from camoe.features import FORMATS
-from camoe.pipeline import demo_settings, run_loop
+from camoe.sim.loop import demo_settings, run_loop
 
 
 def test_online_loop_on_drifting_traffic(services):

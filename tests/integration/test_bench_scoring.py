@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from bench import scoring
+from camoe.bench import scoring
 
 
 def test_scoring_benchmark_writes_its_results(services, tmp_path):

@@ -7,9 +7,14 @@ import time
 
 import pytest
 
-from camoe.feature_store import OnlineFeatures, apply_and_materialize, counter_pusher, open_store
+from camoe.clients.feature_store import (
+    OnlineFeatures,
+    apply_and_materialize,
+    counter_pusher,
+    open_store,
+)
 from camoe.settings import FeastSettings
-from simulator.traffic import World
+from camoe.sim.traffic import World
 
 
 @pytest.mark.parametrize("online_store", ["sqlite", "redis"])

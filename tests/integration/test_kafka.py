@@ -11,11 +11,11 @@ from threading import Event
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from camoe.settings import TopicSpec
-from services.kafka import create_topics
-from streaming.app import BatchResult, Output, StreamApp
-from streaming.avro import AvroCodec
-from streaming.exceptions import MissingTopicError
+from camoe.clients.kafka import create_topics
+from camoe.settings import StreamSettings, TopicSpec
+from camoe.streaming.app import BatchResult, Output, StreamApp
+from camoe.streaming.avro import AvroCodec
+from camoe.streaming.exceptions import MissingTopicError
 
 CLICKS = AvroCodec("ad_click")
 LETTERS = AvroCodec("dead_letter")
@@ -63,14 +63,16 @@ def test_passthrough_app_delivers_everything_and_dead_letters_garbage(services, 
         return StreamApp(
             "passthrough",
             endpoints.kafka,
-            f"g-{suffix}",
             {source: CLICKS},
             {sink: CLICKS},
             dlq,
-            batch_size=100,
-            poll_timeout_s=0.2,
-            in_flight_batches=2,
-            commit_interval_s=commit_interval_s,
+            StreamSettings(
+                group_id=f"g-{suffix}",
+                batch_size=100,
+                poll_timeout_s=0.2,
+                in_flight_batches=2,
+                commit_interval_s=commit_interval_s,
+            ),
         )
 
     app = member()
@@ -121,13 +123,15 @@ def test_batch_interval_gathers_in_the_broker_and_never_holds_a_backlog(services
         app = StreamApp(
             "gather",
             endpoints.kafka,
-            f"g-{suffix}",
             {source: CLICKS},
             {sink: CLICKS},
             dlq,
-            batch_size=batch_size,
-            poll_timeout_s=0.05,
-            batch_interval_s=interval_s,
+            StreamSettings(
+                group_id=f"g-{suffix}",
+                batch_size=batch_size,
+                poll_timeout_s=0.05,
+                batch_interval_ms=interval_s * 1000,
+            ),
         )
         app.run(handler, stop, max_idle_s=max_idle_s)
         return app
@@ -181,7 +185,7 @@ def test_partitions_counts_a_topics_partitions_and_names_a_missing_one(services)
     _, endpoints = services
     topic = f"counted-{uuid.uuid4().hex[:8]}"
     create_topics(endpoints.kafka, [TopicSpec(name=topic, partitions=3)])
-    app = StreamApp("counter", endpoints.kafka, "g-counter", {}, {}, "dlq")
+    app = StreamApp("counter", endpoints.kafka, {}, {}, "dlq", StreamSettings(group_id="g-counter"))
     try:
         assert app.partitions(topic) == 3
         with pytest.raises(MissingTopicError, match=r"not on the broker.*camoe stack up"):
@@ -195,7 +199,9 @@ def test_outputs_refused_by_a_full_local_queue_are_queued_again_in_order(service
     suffix = uuid.uuid4().hex[:8]
     sink = f"out-{suffix}"
     create_topics(endpoints.kafka, [TopicSpec(name=sink)])
-    app = StreamApp("full", endpoints.kafka, f"g-{suffix}", {}, {sink: CLICKS}, "dlq")
+    app = StreamApp(
+        "full", endpoints.kafka, {}, {sink: CLICKS}, "dlq", StreamSettings(group_id=f"g-{suffix}")
+    )
     # A local queue of 50 records: a batch of 1,000 outputs overflows it many times over.
     app._producer = Producer(
         {"bootstrap.servers": endpoints.kafka, "queue.buffering.max.messages": 50}

@@ -20,13 +20,14 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from camoe.feature_store import apply_and_materialize, open_store
-from camoe.pipeline import run_topics, write_settings
+from camoe.clients.feature_store import apply_and_materialize, open_store
+from camoe.clients.kafka import create_topics
 from camoe.settings import Settings
-from services.kafka import create_topics
-from simulator.traffic import World
-from streaming.avro import AvroCodec
-from streaming.changelog import read_changelog
+from camoe.sim.loop import run_topics
+from camoe.sim.traffic import World
+from camoe.streaming.avro import AvroCodec
+from camoe.streaming.changelog import read_changelog
+from camoe.supervisor import write_settings
 from tests.conftest import copy_repos
 
 IMPRESSIONS = AvroCodec("feature_log")

@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 import trainer.export as export
+from camoe.clients.triton import InferenceServerException, TritonClient
 from camoe.settings import ROOT, Settings
-from services.stack import Endpoints
-from services.triton import InferenceServerException, TritonClient
-from simulator.traffic import World
+from camoe.sim.traffic import World
+from camoe.stack.stack import Endpoints
 from trainer.export import Batch, Publisher, PublishError, serving_scores, versions
 from trainer.model import build_served_camoe
 from trainer.train import fit

@@ -16,17 +16,18 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from camoe.feature_store import OnlineFeatures, apply_and_materialize, open_store
-from camoe.pipeline import run_topics, write_settings
-from camoe.settings import TopicSpec
+from camoe.clients.feature_store import OnlineFeatures, apply_and_materialize, open_store
+from camoe.clients.kafka import create_topics, group_members
+from camoe.clients.triton import TritonClient
+from camoe.settings import StreamSettings, TopicSpec
+from camoe.sim.loop import run_topics
+from camoe.sim.traffic import World
+from camoe.stack import triton
+from camoe.stack.process import stop_pid
+from camoe.streaming.app import Record, StreamApp
+from camoe.streaming.avro import AvroCodec
+from camoe.supervisor import write_settings
 from consumers.scoring import Scorer
-from services import triton
-from services.kafka import create_topics, group_members
-from services.process import stop_pid
-from services.triton import TritonClient
-from simulator.traffic import World
-from streaming.app import Record, StreamApp
-from streaming.avro import AvroCodec
 from tests.conftest import copy_repos
 from trainer.export import Publisher
 from trainer.model import build_served_camoe
@@ -112,12 +113,10 @@ def test_triton_outage(world, policy, tmp_path):
     app = StreamApp(
         "scoring",
         endpoints.kafka,
-        group,
         {topics.ad_requests.name: REQUESTS},
         {topics.ad_scores.name: SCORES, topics.feature_log.name: AvroCodec("feature_log")},
         topics.dead_letters.name,
-        batch_size=64,
-        poll_timeout_s=0.05,
+        StreamSettings(group_id=group, batch_size=64, poll_timeout_s=0.05),
     )
     stop = threading.Event()
     thread = threading.Thread(target=app.run, args=(scorer, stop), daemon=True)
@@ -358,12 +357,10 @@ def test_malformed_input_is_dead_lettered_or_flagged_never_fatal(world):
     app = StreamApp(
         "scoring",
         endpoints.kafka,
-        f"fuzz-{uuid.uuid4().hex[:6]}",
         {source: REQUESTS},
         {topics.ad_scores.name: SCORES, topics.feature_log.name: AvroCodec("feature_log")},
         topics.dead_letters.name,
-        batch_size=64,
-        poll_timeout_s=0.05,
+        StreamSettings(group_id=f"fuzz-{uuid.uuid4().hex[:6]}", batch_size=64, poll_timeout_s=0.05),
     )
     n = 3_000
     records = _malformed(sim, np.random.default_rng(11), n)

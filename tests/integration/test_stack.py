@@ -6,9 +6,9 @@ import os
 import signal
 from pathlib import Path
 
-from services.kafka import broker_ready
-from services.process import pid_alive
-from services.stack import Stack
+from camoe.stack.kafka import broker_ready
+from camoe.stack.process import pid_alive
+from camoe.stack.stack import Stack
 
 
 def listening_addresses(pid: int) -> set[str]:

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from camoe.pipeline import write_settings
+from camoe.clients.kafka import committed_offsets, create_topics, read_committed
+from camoe.clients.triton import TritonClient
 from camoe.settings import Settings
-from services.kafka import committed_offsets, create_topics, read_committed
-from services.triton import TritonClient
-from simulator.traffic import World
-from streaming.avro import AvroCodec
+from camoe.sim.traffic import World
+from camoe.streaming.avro import AvroCodec
+from camoe.supervisor import write_settings
 from tests.factories import labelled_events
 from trainer.export import Publisher
 from trainer.model import build_served_camoe
@@ -60,7 +60,7 @@ def trainer_world(services, tmp_path):
                 "checkpoint_dir": tmp_path / "trainer",
                 "publish_every_examples": 400,
                 "publish_every_s": 2.0,
-                "batch_size": 128,
+                "pretrain_batch_size": 128,
             },
             "stack": {**settings.stack.model_dump(), "state_dir": tmp_path / "stack"},
         }
@@ -107,6 +107,9 @@ def test_sigkill_trainer_resumes_without_training_an_event_twice(trainer_world, 
     kills = 0
     with log_path.open("ab") as log:
         for wave in range(6):
+            saved = Checkpoint.load(checkpoint_path)
+            if wave >= len(waves) and saved is not None and saved.events == EVENTS:
+                break  # every event is in the lineage: a further life has nothing to learn
             if wave < len(waves):
                 for i in waves[wave]:
                     value = values[i]
@@ -133,12 +136,18 @@ def test_sigkill_trainer_resumes_without_training_an_event_twice(trainer_world, 
             kills += 1
 
         process = _start_trainer(config, endpoints, log)
+        deadline = time.monotonic() + 120
+        while log_path.read_text().count("resumed at version") < kills:  # the last restart
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the last life did not resume"
+            time.sleep(0.2)
         saved = _checkpoint_with(checkpoint_path, EVENTS, process, log_path, 300)
 
     held_out = sum(
         zlib.crc32(v["impression"]["request_id"].encode()) % s.trainer.holdout_every == 0
         for v in values
     )
+    assert kills >= len(waves)  # killed at least once while input was still arriving
     assert saved.events == EVENTS  # each event read into the lineage once: none lost, none twice
     assert saved.examples == EVENTS - held_out
     assert log_path.read_text().count("resumed at version") == kills  # each restart resumed

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from services.triton import InferenceServerException, TritonClient
-from simulator.traffic import World
+from camoe.clients.triton import InferenceServerException, TritonClient
+from camoe.sim.traffic import World
 from trainer.export import Publisher
 from trainer.model import ServingModel, build_camoe
 from trainer.train import fit

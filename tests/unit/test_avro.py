@@ -1,4 +1,4 @@
-"""streaming/avro.py: single-object encoding, schema evolution and decode errors."""
+"""camoe/streaming/avro.py: single-object encoding, schema evolution and decode errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,14 @@ import pytest
 from fastavro import parse_schema
 from fastavro.schema import to_parsing_canonical_form
 
-from streaming.avro import SCHEMA_FILES, SINGLE_OBJECT_MARKER, AvroCodec, SchemaStore, schema_json
-from streaming.exceptions import DecodeError
+from camoe.streaming.avro import (
+    SCHEMA_FILES,
+    SINGLE_OBJECT_MARKER,
+    AvroCodec,
+    SchemaStore,
+    schema_json,
+)
+from camoe.streaming.exceptions import DecodeError
 
 T0 = 1_700_000_000_000  # epoch ms
 
@@ -307,7 +313,7 @@ def test_random_bytes_behind_a_valid_marker_are_an_unknown_writer():
 
 
 def test_decode_error_is_a_streaming_error():
-    from streaming.exceptions import StreamingError
+    from camoe.streaming.exceptions import StreamingError
 
     with pytest.raises(StreamingError):
         AvroCodec("ad_click").decode(b"")

@@ -8,16 +8,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.quality import MODELS
+from camoe.bench.quality import MODELS
 from camoe.features import CONTENT_TYPES, FORMATS, FeatureLayout
 from camoe.settings import Settings
-from simulator.traffic import World
+from camoe.sim.traffic import World
 from trainer.baselines import ContentMMoE, GlobalDCN, SingleTaskDCN
 from trainer.model import CAMoE
 from trainer.train import fit, loss_fn
 
 SETTINGS = Settings()
-LAYOUT = FeatureLayout(SETTINGS.simulator.n_campaigns)
+LAYOUT = FeatureLayout(SETTINGS.features.n_campaigns)
 CARDS = [f.cardinality for f in LAYOUT.categorical]
 AUDIO, VIDEO, DISPLAY = (FORMATS.index(f) for f in ("audio", "video", "display"))
 

@@ -18,7 +18,7 @@ from trainer.modules import Calibrated, platt_scaling
 from trainer.train import calibrate
 
 SETTINGS = Settings()
-LAYOUT = FeatureLayout(SETTINGS.simulator.n_campaigns)
+LAYOUT = FeatureLayout(SETTINGS.features.n_campaigns)
 
 
 @pytest.fixture(autouse=True)

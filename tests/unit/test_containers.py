@@ -8,13 +8,13 @@ import time
 import pytest
 from docker.errors import DockerException
 
-from services.containers import start_container
+from tests.containers import start_container
 
 
 def test_no_daemon_falls_back_fast_and_says_so(monkeypatch, caplog):
     # A socket nobody listens on: what testcontainers meets on a machine without Docker.
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
-    caplog.set_level(logging.INFO, logger="services.containers")
+    caplog.set_level(logging.INFO, logger="tests.containers")
     for service in ("kafka", "redis"):
         started = time.monotonic()
         assert start_container(service) is None

@@ -18,7 +18,7 @@ from trainer.export import Publisher, PublishError, export_onnx, versions
 from trainer.model import ServingModel, build_camoe
 
 SETTINGS = Settings()
-LAYOUT = FeatureLayout(SETTINGS.simulator.n_campaigns)
+LAYOUT = FeatureLayout(SETTINGS.features.n_campaigns)
 MODEL_DIR = ROOT / "model_repo" / "camoe"
 CONFIG = MODEL_DIR / "config.pbtxt"
 RUNNER = export.RUNNER

@@ -7,9 +7,9 @@ import copy
 import pytest
 from confluent_kafka import TopicPartition
 
+from camoe.streaming.app import BatchResult, Record
+from camoe.streaming.avro import AvroCodec
 from consumers.labeler import Labeler
-from streaming.app import BatchResult, Record
-from streaming.avro import AvroCodec
 
 FEATURE_LOG = "feature-log"
 CLICKS = "ad-clicks"

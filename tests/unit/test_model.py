@@ -11,12 +11,12 @@ import torch
 
 from camoe.features import FORMATS, FeatureLayout
 from camoe.settings import Settings
-from simulator.traffic import World
+from camoe.sim.traffic import World
 from trainer.model import CAMoE, build_camoe, masked_bce, select_task, validate_batch
 from trainer.train import fit
 
 SETTINGS = Settings()
-LAYOUT = FeatureLayout(SETTINGS.simulator.n_campaigns)
+LAYOUT = FeatureLayout(SETTINGS.features.n_campaigns)
 N_TASKS = len(FORMATS)
 
 

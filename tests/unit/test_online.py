@@ -13,8 +13,8 @@ import torch
 from confluent_kafka import OFFSET_INVALID, TopicPartition
 
 from camoe.settings import Settings
-from simulator.traffic import World
-from streaming.app import Record
+from camoe.sim.traffic import World
+from camoe.streaming.app import Record
 from tests.factories import labelled_events
 from trainer.export import Publisher, versions
 from trainer.model import build_served_camoe
@@ -32,7 +32,7 @@ def world_and_model() -> tuple[Settings, dict[str, np.ndarray], Any]:
             "publish_every_examples": 400,
             "publish_every_s": 3600.0,
             "holdout_every": 5,
-            "batch_size": 128,
+            "pretrain_batch_size": 128,
             "gate_tolerance": 1.0,  # only a far worse candidate fails: these runs are tiny
         },
     )

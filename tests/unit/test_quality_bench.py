@@ -1,4 +1,4 @@
-"""A tiny end-to-end run of the quality benchmark (bench/quality.py) and unit tests of its
+"""A tiny end-to-end run of the quality benchmark (camoe/bench/quality.py) and unit tests of its
 ECE. CPU only, no services. It checks what the benchmark writes, never which model wins."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from bench import quality
+from camoe.bench import quality
 from camoe.features import FORMATS
 from camoe.settings import Settings
 from trainer.metrics import ece, per_format

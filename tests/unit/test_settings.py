@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from camoe.settings import ServiceUrlSource, Settings
+from camoe.settings import ServiceUrlSource, Settings, StreamSettings, describe
 
 SERVICE_VARIABLES = tuple(ServiceUrlSource.VARIABLES)
 
@@ -113,7 +113,7 @@ def test_yaml_named_by_camoe_config_is_read(monkeypatch, tmp_path):
     assert s.scoring.batch_size == 32
     assert s.scoring.group_id == "from-yaml"
     assert s.labeler.attribution_window_s == 3.5
-    assert s.trainer.batch_size == 256  # untouched sections keep defaults
+    assert s.trainer.pretrain_batch_size == 256  # untouched sections keep defaults
 
 
 def test_env_beats_yaml_and_merges_with_it(monkeypatch, tmp_path):
@@ -177,3 +177,40 @@ def test_settings_are_frozen():
     s = Settings()
     with pytest.raises(ValidationError):
         s.scoring = s.scoring
+
+
+def test_a_wave_that_overflows_tritons_max_batch_is_refused_in_one_line():
+    with pytest.raises(ValidationError) as caught:
+        Settings(scoring={"triton_chunk_requests": 128, "max_candidates": 64})
+    line = describe(caught.value)
+    assert "\n" not in line
+    assert "triton_chunk_requests x scoring.max_candidates = 8192" in line
+    assert "triton.max_batch_size 4096" in line
+    # Raising Triton's limit with it is the other way out.
+    Settings(
+        scoring={"triton_chunk_requests": 128, "max_candidates": 64},
+        triton={"max_batch_size": 8192},
+    )
+
+
+def test_the_simulated_campaigns_must_fit_the_models_vocabulary():
+    with pytest.raises(ValidationError, match=r"features\.n_campaigns 40"):
+        Settings(simulator={"n_campaigns": 41})
+    assert Settings(simulator={"n_campaigns": 41}, features={"n_campaigns": 41})
+
+
+def test_describe_names_each_wrong_key_on_one_line():
+    with pytest.raises(ValidationError) as caught:
+        Settings(scoring={"batch_size": 0}, trainer={"online_batch_size": "lots"})
+    line = describe(caught.value)
+    assert line.startswith("invalid settings: ") and "\n" not in line
+    assert "scoring.batch_size" in line and "trainer.online_batch_size" in line
+
+
+def test_components_stream_options_come_from_one_declaration():
+    s = Settings()
+    for section in (s.scoring, s.labeler, s.trainer):
+        assert isinstance(section, StreamSettings)
+    assert s.labeler.guarantee == "exactly-once"
+    with pytest.raises(ValidationError, match="exactly-once"):
+        Settings(labeler={"guarantee": "at-least-once"})

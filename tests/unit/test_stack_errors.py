@@ -11,10 +11,10 @@ import time
 import pytest
 
 from camoe.settings import ROOT, Settings
-from services import kafka, redis, triton
-from services.exceptions import PortBusyError, PrerequisiteError, ServiceStartError
-from services.process import claim_port, pid_alive, start_process, stop_pid
-from services.stack import Stack
+from camoe.stack import kafka, redis, triton
+from camoe.stack.exceptions import PortBusyError, PrerequisiteError, ServiceStartError
+from camoe.stack.process import claim_port, pid_alive, start_process, stop_pid
+from camoe.stack.stack import Stack
 
 
 def test_process_that_exits_names_its_log(tmp_path):

@@ -17,6 +17,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from camoe.clients.kafka import consumer_config
+
 log = logging.getLogger(__name__)
 
 # partition -> key -> latest value
@@ -36,17 +38,12 @@ def read_changelog(
     state: State = {p: {} for p in partitions}
     if not partitions:
         return state
+    # The group is required by the client and never joined; read-committed: aborted
+    # transactions (a crashed worker's last batch) are not state. The end of a partition
+    # (its last stable offset) is reported as an event: offsets alone cannot tell,
+    # transaction markers occupy offsets too.
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap_servers,
-            "group.id": f"{topic}-restore",  # required by the client; never joined
-            "enable.auto.commit": False,
-            # Aborted transactions (a crashed worker's last batch) are not state.
-            "isolation.level": "read_committed",
-            # The end of a partition (its last stable offset) is reported as an event:
-            # offsets alone cannot tell, transaction markers occupy offsets too.
-            "enable.partition.eof": True,
-        }
+        consumer_config(bootstrap_servers, f"{topic}-restore", **{"enable.partition.eof": True})
     )
     try:
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])

@@ -2,7 +2,8 @@
 
 Without a daemon, testcontainers raises ``docker.errors.DockerException`` within
 milliseconds, in the container's constructor; then the caller starts the same service
-as a local process (services.stack). The choice is logged either way.
+as a local process (camoe.stack.stack). The choice is logged either way. Test support:
+testcontainers is a development dependency.
 """
 
 from __future__ import annotations

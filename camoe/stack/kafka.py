@@ -1,29 +1,23 @@
-"""Apache Kafka (KRaft, one combined broker+controller) as a local process, and topic admin."""
+"""Apache Kafka (KRaft, one combined broker+controller) as a local process."""
 
 from __future__ import annotations
 
 import shutil
 import socket
 import subprocess
-import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
-
-from camoe.settings import ROOT, KafkaSettings, TopicSpec
-from services.exceptions import PrerequisiteError, ServiceStartError
-from services.process import claim_port, free_port, start_process
+from camoe.clients.kafka import admin
+from camoe.settings import ROOT, KafkaSettings
+from camoe.stack.exceptions import PrerequisiteError, ServiceStartError
+from camoe.stack.process import claim_port, free_port, start_process
 
 HERE = Path(__file__).parent
 LIBS = ROOT / ".cache" / "kafka" / "libs"
 
 
 def ensure_jars(libs: Path = LIBS) -> Path:
-    """Resolves the broker's jars from Maven Central once (services/pom.xml)."""
+    """Resolves the broker's jars from Maven Central once (``pom.xml`` beside this module)."""
     if any(libs.glob("kafka_2.13-*.jar")):
         return libs
     if shutil.which("mvn") is None:
@@ -139,87 +133,4 @@ def broker_ready(bootstrap: str, timeout_s: float = 1.0) -> bool:
     # A plain TCP probe first: librdkafka logs every refused connection while it retries.
     with socket.create_connection((host, int(port)), timeout=timeout_s):
         pass
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
-    return bool(admin.list_topics(timeout=timeout_s).brokers)
-
-
-def create_topics(bootstrap: str, topics: list[TopicSpec], timeout_s: float = 30.0) -> None:
-    """Creates the topics that do not exist yet (idempotent)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
-    new = [
-        NewTopic(
-            t.name,
-            num_partitions=t.partitions,
-            replication_factor=1,
-            config={"cleanup.policy": "compact"} if t.compacted else {},
-        )
-        for t in topics
-        if t.name not in existing
-    ]
-    if not new:
-        return
-    for name, future in admin.create_topics(new, operation_timeout=timeout_s).items():
-        try:
-            future.result(timeout_s)
-        except Exception as error:
-            if "TOPIC_ALREADY_EXISTS" not in str(error):
-                raise RuntimeError(f"could not create topic {name}: {error}") from None
-
-
-def cluster_id(bootstrap: str, timeout_s: float = 10.0) -> str | None:
-    """The cluster's id: a checkpoint's offsets are only valid on the cluster that gave them."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
-    return admin.list_topics(timeout=timeout_s).cluster_id
-
-
-def group_members(bootstrap: str, group_id: str, timeout_s: float = 5.0) -> int:
-    """How many consumers hold partitions in a stable consumer group (0 while rebalancing)."""
-    from confluent_kafka import ConsumerGroupState
-
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
-    description = admin.describe_consumer_groups([group_id], request_timeout=timeout_s)[group_id]
-    group = description.result(timeout_s)
-    return len(group.members) if group.state == ConsumerGroupState.STABLE else 0
-
-
-def committed_offsets(consumer: Consumer, topic: str, timeout_s: float = 10.0) -> dict[int, int]:
-    """Partition -> the offset ``consumer``'s group committed in ``topic`` (negative: none)."""
-    partitions = consumer.list_topics(topic, timeout_s).topics[topic].partitions
-    committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout_s)
-    return {p.partition: p.offset for p in committed}
-
-
-def read_committed(
-    bootstrap: str, topic: str, decode: Callable[[bytes], dict[str, Any]], idle_s: float = 3.0
-) -> list[dict[str, Any]]:
-    """Every committed record of ``topic`` from its beginning, until it has been idle."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{uuid.uuid4().hex[:8]}",  # joined, never committed
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
-    consumer.subscribe([topic])
-    values: list[dict[str, Any]] = []
-    give_up = time.monotonic() + 30  # joining the group takes a moment
-    last_seen: float | None = None  # the idle clock starts once partitions are assigned
-    try:
-        while True:
-            messages = consumer.consume(500, 0.5)
-            for message in messages:
-                if message.error() is None:
-                    values.append(decode(message.value()))
-            now = time.monotonic()
-            if messages or (last_seen is None and consumer.assignment()):
-                last_seen = now
-            if (last_seen is not None and now - last_seen > idle_s) or (
-                last_seen is None and now > give_up
-            ):
-                break
-    finally:
-        consumer.close()
-    return values
+    return bool(admin(bootstrap).list_topics(timeout=timeout_s).brokers)

@@ -37,8 +37,10 @@ from typing import Any, NamedTuple, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from streaming.avro import AvroCodec
-from streaming.exceptions import DecodeError, DeliveryError, MissingTopicError, RetryLater
+from camoe.clients.kafka import consumer_config, producer_config
+from camoe.settings import StreamSettings
+from camoe.streaming.avro import AvroCodec
+from camoe.streaming.exceptions import DecodeError, DeliveryError, MissingTopicError, RetryLater
 
 log = logging.getLogger(__name__)
 
@@ -134,28 +136,14 @@ class StreamApp:
     Args:
         name: the consumer's name, written into dead letters.
         bootstrap_servers: Kafka bootstrap address.
-        group_id: consumer group; workers with one group share the partitions.
         sources: input topic -> codec.
         sinks: output topic -> codec.
         dead_letter_topic: where undecodable or unprocessable records go.
-        guarantee: ``at-least-once`` or ``exactly-once``.
-        batch_size: most records per ``consume`` call.
-        poll_timeout_s: how long ``consume`` waits for the first record.
-        batch_interval_s: how long the broker may hold the consumer's fetch while records
-            arrive (0: it answers as soon as there is one). Records then come in batches
-            about this far apart, each what arrived meanwhile; a backlog comes at once but
-            for its last ``FETCH_MIN_BYTES``, which waits up to this long.
-            Each batch has a cost of its own, whatever its size, in this process and in the
-            broker (which serves every fetch partition by partition), so at a steady rate
-            fewer, larger batches take less CPU, for up to this much more latency.
-        in_flight_batches: at-least-once, how many full batches of input records
-            (``in_flight_batches`` x ``batch_size``) may stay uncommitted while the next
-            batch is processed (0: wait for the acknowledgements of each batch that
-            consumed records).
-        commit_interval_s: at-least-once, the least time between two commits. Each commit
-            is a request the broker writes to its offsets log: committing each of a hundred
-            small batches a second took a fifth of the broker's CPU here.
-        linger_ms: how long the producer waits to put more records in one request.
+        options: the group, the delivery guarantee, batching and commit cadence (each
+            field is described in ``camoe.settings.StreamSettings``). Records come in
+            batches about ``batch_interval_ms`` apart, each what arrived meanwhile; a
+            backlog comes at once but for its last ``FETCH_MIN_BYTES``, which waits up to
+            that long.
         instance_id: this worker's stable identity within the group. A worker restarted
             with the same id takes its partitions back at once (static membership) and,
             exactly-once, fences its crashed predecessor's open transaction (aborting it)
@@ -166,30 +154,22 @@ class StreamApp:
         self,
         name: str,
         bootstrap_servers: str,
-        group_id: str,
         sources: dict[str, Any],
         sinks: dict[str, Any],
         dead_letter_topic: str,
-        guarantee: str = "at-least-once",
-        batch_size: int = 500,
-        poll_timeout_s: float = 0.1,
-        batch_interval_s: float = 0.0,
-        in_flight_batches: int = 4,
-        commit_interval_s: float = 0.0,
-        linger_ms: float = 2.0,
+        options: StreamSettings,
         instance_id: str | None = None,
     ) -> None:
-        if guarantee not in ("at-least-once", "exactly-once"):
-            raise ValueError(f"unknown delivery guarantee {guarantee!r}")
         self.name = name
         self.sources = sources
         self.sinks = sinks
         self.dead_letter_topic = dead_letter_topic
-        self.guarantee = guarantee
-        self.batch_size = batch_size
-        self.poll_timeout_s = poll_timeout_s
-        self.in_flight_batches = in_flight_batches
-        self.commit_interval_s = commit_interval_s
+        self.guarantee = guarantee = options.guarantee
+        self.batch_size = options.batch_size
+        self.poll_timeout_s = options.poll_timeout_s
+        self.in_flight_batches = options.in_flight_batches
+        self.commit_interval_s = options.commit_interval_s
+        group_id, interval_ms = options.group_id, options.batch_interval_ms
         self._in_flight: deque[InFlight] = deque()
         self._last_commit = 0.0
         self.counters = {
@@ -200,35 +180,30 @@ class StreamApp:
             "retried_batches": 0,
         }
         self._consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap_servers,
-                "group.id": group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-                "max.poll.interval.ms": 60_000,
-                "session.timeout.ms": 10_000,  # a dead worker's partitions move within 10 s
+            consumer_config(
+                bootstrap_servers,
+                group_id,
+                **{
+                    "max.poll.interval.ms": 60_000,
+                    "session.timeout.ms": 10_000,  # a dead worker's partitions move within 10 s
+                },
                 **(
                     {
-                        "fetch.wait.max.ms": max(1, round(batch_interval_s * 1000)),
+                        "fetch.wait.max.ms": max(1, round(interval_ms)),
                         "fetch.min.bytes": FETCH_MIN_BYTES,
                     }
-                    if batch_interval_s > 0
+                    if interval_ms > 0
                     else {}
                 ),
                 **({"group.instance.id": instance_id} if instance_id else {}),
-            }
+            )
         )
-        producer_config: dict[str, Any] = {
-            "bootstrap.servers": bootstrap_servers,
-            "enable.idempotence": True,
-            "linger.ms": linger_ms,
-            "acks": "all",
-        }
+        transactional_id = None
         if guarantee == "exactly-once":
-            identity = instance_id or uuid.uuid4().hex[:12]
-            producer_config["transactional.id"] = f"{group_id}-{name}-{identity}"
-        self._producer = Producer(producer_config)
+            transactional_id = f"{group_id}-{name}-{instance_id or uuid.uuid4().hex[:12]}"
+        self._producer = Producer(
+            producer_config(bootstrap_servers, options.linger_ms, transactional_id=transactional_id)
+        )
         self._delivery_errors: list[KafkaError] = []
         if guarantee == "exactly-once":
             self._producer.init_transactions(30)

@@ -27,7 +27,7 @@ from torch import nn
 
 from camoe.features import CONTENT_TYPES, FORMATS, FeatureLayout
 from camoe.settings import Settings
-from simulator.traffic import World
+from camoe.sim.traffic import World
 from trainer.baselines import ContentMMoE, GlobalDCN, MMoE, SharedBottom, SingleTaskDCN
 from trainer.metrics import METRICS, per_format
 from trainer.model import CAMoE, ServingModel
@@ -111,7 +111,7 @@ def run_model(
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Trains, calibrates and evaluates one model; returns (result, test predictions)."""
     train, calib, test = splits
-    layout = FeatureLayout(settings.simulator.n_campaigns)
+    layout = FeatureLayout(settings.features.n_campaigns)
     spec = MODELS[name]
     torch.manual_seed(seed)
     inner = spec.build(settings, [f.cardinality for f in layout.categorical], layout.n_numeric)
@@ -142,7 +142,7 @@ def forward_throughput(
     settings: Settings, batches: tuple[int, ...] = (1, 64, 1024), seconds: float = 1.0
 ) -> dict[str, float]:
     """In-process CAMoE forward, candidates/s per batch size (the serving floor)."""
-    layout = FeatureLayout(settings.simulator.n_campaigns)
+    layout = FeatureLayout(settings.features.n_campaigns)
     model = ServingModel(
         Calibrated(
             _camoe()(settings, [f.cardinality for f in layout.categorical], layout.n_numeric),

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import redis
 
-from services.exceptions import PrerequisiteError
-from services.process import claim_port, start_process
+from camoe.stack.exceptions import PrerequisiteError
+from camoe.stack.process import claim_port, start_process
 
 
 def ping(url: str) -> bool:

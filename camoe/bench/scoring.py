@@ -50,14 +50,15 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
+from camoe.clients.kafka import committed_offsets, consumer_config, create_topics, producer_config
 from camoe.features import FeatureLayout
-from camoe.pipeline import prepare, run_topics, write_settings
 from camoe.settings import Settings, TopicSpec
-from services.kafka import committed_offsets, create_topics
-from services.stack import Endpoints, Stack
-from simulator.traffic import World
-from streaming.app import consume_batch
-from streaming.avro import AvroCodec
+from camoe.sim.loop import prepare, run_topics
+from camoe.sim.traffic import World
+from camoe.stack.stack import Endpoints, Stack
+from camoe.streaming.app import consume_batch
+from camoe.streaming.avro import AvroCodec
+from camoe.supervisor import write_settings
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def _produce(
     # them (each would hold the load up for 50 ms, then send it in a burst).
     gc.collect()
     gc.freeze()
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0.5})
+    producer = Producer(producer_config(bootstrap, linger_ms=0.5))
     # Connected, with the topic's partitions known, before the first stamp: otherwise the
     # first records wait for that and their latency is the load generator's start-up.
     producer.list_topics(topic, timeout=10)
@@ -139,14 +140,7 @@ def _produce(
 
 def _fresh_consumer(bootstrap: str) -> Consumer:
     """A consumer in a group of its own, reading from the start, committing only when told."""
-    return Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": uuid.uuid4().hex,
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
+    return Consumer(consumer_config(bootstrap, uuid.uuid4().hex))
 
 
 class ScoreReader:
@@ -264,7 +258,7 @@ def _wait_for_drain(
 ) -> None:
     """Waits until ``group_id`` has committed every record of ``topic``, looking only at
     offsets (no records are fetched)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
+    consumer = Consumer(consumer_config(bootstrap, group_id))
     try:
         partitions = consumer.list_topics(topic, 10).topics[topic].partitions
         ends = {
@@ -300,7 +294,7 @@ def relay(bootstrap: str, source: str, sink: str, stop: ProcessEvent) -> None:
     has arrived, each to one partition in turn as the scorer's scores, the scorer's 0.5 ms
     linger, offsets committed asynchronously every 0.1 s."""
     consumer = _fresh_consumer(bootstrap)
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0.5})
+    producer = Producer(producer_config(bootstrap, linger_ms=0.5))
     partitions = len(producer.list_topics(sink, 10).topics[sink].partitions)
     consumer.subscribe([source])
     committed, batches = 0.0, 0
@@ -434,7 +428,7 @@ def _relay_load(
 def passthrough_floor(bootstrap: str, source: str, sink: str, n: int) -> float:
     """Requests/s of a raw consume-decode-encode-produce loop over the same records."""
     consumer = _fresh_consumer(bootstrap)
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    producer = Producer(producer_config(bootstrap, linger_ms=5))
     consumer.subscribe([source])
     done, started = 0, None
     deadline = time.monotonic() + 120
@@ -468,7 +462,7 @@ def forward_floor(
     if model is None:
         raise RuntimeError("no trained model: run `camoe prepare`")
     serving = ServingModel(model).eval()
-    layout = FeatureLayout(settings.simulator.n_campaigns)
+    layout = FeatureLayout(settings.features.n_campaigns)
     batches = []
     for start in range(0, len(requests), batch):
         chunk = requests[start : start + batch]
@@ -624,7 +618,7 @@ def run(
         )
         batch = s.scoring.batch_size
         forward = forward_floor(s, world, backlog[:5000], batch)
-        from camoe.feature_store import open_store
+        from camoe.clients.feature_store import open_store
 
         store = open_store(s.feast, endpoints.redis)
         redis_read = redis_floor(s, store, backlog[:5000], batch)

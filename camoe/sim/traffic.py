@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from camoe.features import (
+    AD_COUNTERS,
     AFFINITY_DIM,
     CONTENT_TYPES,
     DEVICES,
@@ -52,6 +53,7 @@ from camoe.features import (
     N_AGE_BUCKETS,
     N_CATEGORIES,
     N_COUNTRIES,
+    USER_COUNTERS,
     FeatureLayout,
 )
 from camoe.settings import SimulatorSettings
@@ -261,19 +263,11 @@ class World:
         ads = self.ads.assign(event_timestamp=stamp)
         users.to_parquet(data_dir / "user_profiles.parquet", index=False)
         ads.to_parquet(data_dir / "ad_profiles.parquet", index=False)
-        pd.DataFrame(
-            {
-                "user_id": self.user_ids,
-                "event_timestamp": stamp,
-                "user_impressions": np.zeros(len(self.user_ids), np.int64),
-                "user_clicks": np.zeros(len(self.user_ids), np.int64),
-            }
-        ).to_parquet(data_dir / "user_counters.parquet", index=False)
-        pd.DataFrame(
-            {
-                "ad_id": self.ad_ids,
-                "event_timestamp": stamp,
-                "ad_impressions": np.zeros(len(self.ad_ids), np.int64),
-                "ad_clicks": np.zeros(len(self.ad_ids), np.int64),
-            }
-        ).to_parquet(data_dir / "ad_counters.parquet", index=False)
+        for entity, ids, fields in (
+            ("user", self.user_ids, USER_COUNTERS),
+            ("ad", self.ad_ids, AD_COUNTERS),
+        ):
+            counters = {name: np.zeros(len(ids), np.int64) for name in fields}
+            pd.DataFrame({f"{entity}_id": ids, "event_timestamp": stamp, **counters}).to_parquet(
+                data_dir / f"{entity}_counters.parquet", index=False
+            )

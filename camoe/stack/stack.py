@@ -14,10 +14,11 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from camoe.clients.kafka import create_topics
 from camoe.settings import Settings
-from services import kafka, redis, triton
-from services.exceptions import StackError
-from services.process import pid_alive, stop_pid
+from camoe.stack import kafka, redis, triton
+from camoe.stack.exceptions import StackError
+from camoe.stack.process import pid_alive, stop_pid
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class Stack:
         finally:
             self._save(endpoints)
         if "kafka" in services:
-            kafka.create_topics(endpoints.kafka, self.settings.kafka.topics.all())
+            create_topics(endpoints.kafka, self.settings.kafka.topics.all())
         return endpoints
 
     def down(self) -> list[str]:

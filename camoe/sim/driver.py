@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, Producer
 
+from camoe.clients.kafka import consumer_config, producer_config
 from camoe.settings import Settings
-from simulator.traffic import World
-from streaming.app import consume_batch
-from streaming.avro import AvroCodec
+from camoe.sim.traffic import World
+from camoe.streaming.app import consume_batch
+from camoe.streaming.avro import AvroCodec
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +80,9 @@ class TrafficDriver:
             self.topics.ad_scores.name: AvroCodec("ad_scores"),
             self.topics.labelled_events.name: AvroCodec("labelled_event"),
         }
-        self._producer = Producer(
-            {"bootstrap.servers": bootstrap_servers, "linger.ms": 5, "enable.idempotence": True}
-        )
+        self._producer = Producer(producer_config(bootstrap_servers, linger_ms=5))
         self._consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap_servers,
-                "group.id": f"simulator-{uuid.uuid4().hex[:8]}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-            }
+            consumer_config(bootstrap_servers, f"simulator-{uuid.uuid4().hex[:8]}")
         )
         self._consumer.subscribe(list(self._codecs))
         self._sent: dict[str, tuple[float, dict[str, Any]]] = {}

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from services.exceptions import PortBusyError, ServiceStartError
+from camoe.stack.exceptions import PortBusyError, ServiceStartError
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""Avro codecs for every topic, with schemas kept in ``streaming/schemas/``.
+"""Avro codecs for every topic, with schemas kept in ``schemas/`` beside this module.
 
 Without a schema registry a record is framed with Avro *single-object encoding*:
 ``C3 01`` + the writer schema's CRC-64-AVRO fingerprint (8 bytes, little-endian) + the
@@ -23,7 +23,7 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from streaming.exceptions import DecodeError
+from camoe.streaming.exceptions import DecodeError
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 SINGLE_OBJECT_MARKER = b"\xc3\x01"

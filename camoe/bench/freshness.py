@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from camoe.clients.kafka import read_committed
 from camoe.features import FORMATS
 from camoe.settings import Settings
-from services.kafka import read_committed
-from services.stack import Endpoints
-from streaming.avro import AvroCodec
+from camoe.stack.stack import Endpoints
+from camoe.streaming.avro import AvroCodec
 from trainer.metrics import expected_auc_pr, format_metrics
 
 Report = dict[str, Any]
@@ -133,10 +133,10 @@ def evaluate_latest(
 ) -> Report:
     """AUC-PR per format of the served version and of ``frozen`` on fresh requests drawn
     from the world at ``hours`` (see the module's docstring)."""
-    from camoe.feature_store import OnlineFeatures, open_store
+    from camoe.clients.feature_store import OnlineFeatures, open_store
+    from camoe.clients.triton import TritonClient
     from camoe.features import FeatureLayout
-    from services.triton import TritonClient
-    from simulator.traffic import World
+    from camoe.sim.traffic import World
     from trainer.online import Examples, predict
 
     world = World(settings.simulator)
@@ -148,7 +148,7 @@ def evaluate_latest(
     users, ads = reader.read(
         (r["user_id"] for r in batch), (c["ad_id"] for r in batch for c in r["candidates"])
     )
-    x = FeatureLayout(settings.simulator.n_campaigns).encode(batch, users, ads)
+    x = FeatureLayout(settings.features.n_campaigns).encode(batch, users, ads)
     truth = np.asarray(
         [world.true_ctr(r, c["ad_id"], hours) for r in batch for c in r["candidates"]]
     )
@@ -290,7 +290,7 @@ def run(
 ) -> Report:
     """Runs the loop (the demo's traffic, the default publishing cadence) and writes the
     report and plots under ``out``."""
-    from camoe.pipeline import demo_settings, run_loop
+    from camoe.sim.loop import demo_settings, run_loop
 
     out.mkdir(parents=True, exist_ok=True)
     summary = run_loop(demo_settings(settings), duration_s, progress, report=reporter(window_s))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from camoe.features import AD_PROFILE, USER_PROFILE
+from camoe.features import AD_COUNTERS, AD_PROFILE, USER_COUNTERS, USER_PROFILE
 from camoe.settings import FeastSettings
 
 log = logging.getLogger(__name__)
@@ -264,34 +264,18 @@ def _oldest(view: Any) -> datetime | None:
 
 
 def counter_pusher(store: Any) -> Any:
-    """A function that pushes fresh counters through the repository's push sources."""
+    """A function that pushes fresh counters through the repository's push sources:
+    ``users`` and ``ads`` map an id to its counts in the counter views' field order."""
     import pandas as pd
 
     def push(users: dict[str, list[int]], ads: dict[str, list[int]]) -> None:
         now = pd.Timestamp.now(tz="UTC")
-        if users:
-            store.push(
-                "user_counters_push_source",
-                pd.DataFrame(
-                    {
-                        "user_id": list(users),
-                        "event_timestamp": now,
-                        "user_impressions": [c[0] for c in users.values()],
-                        "user_clicks": [c[1] for c in users.values()],
-                    }
-                ),
-            )
-        if ads:
-            store.push(
-                "ad_counters_push_source",
-                pd.DataFrame(
-                    {
-                        "ad_id": list(ads),
-                        "event_timestamp": now,
-                        "ad_impressions": [c[0] for c in ads.values()],
-                        "ad_clicks": [c[1] for c in ads.values()],
-                    }
-                ),
-            )
+        for entity, counts, fields in (("user", users, USER_COUNTERS), ("ad", ads, AD_COUNTERS)):
+            if counts:
+                frame: dict[str, Any] = {f"{entity}_id": list(counts), "event_timestamp": now}
+                frame.update(
+                    {name: [c[i] for c in counts.values()] for i, name in enumerate(fields)}
+                )
+                store.push(f"{entity}_counters_push_source", pd.DataFrame(frame))
 
     return push
