@@ -135,8 +135,13 @@ def run_labeler(settings: Settings, stop: Event) -> None:
             bootstrap, state, app.sinks[state], partitions
         ),
         push_counters=counter_pusher(store),
+        negative_sampling_rate=settings.labeler.negative_sampling_rate,
     )
-    log.info("labeler running (window %.1fs, exactly-once)", settings.labeler.attribution_window_s)
+    log.info(
+        "labeler running (window %.1fs, negatives sampled at %g, exactly-once)",
+        settings.labeler.attribution_window_s,
+        settings.labeler.negative_sampling_rate,
+    )
     app.run(labeler, stop, hooks=labeler)
 
 

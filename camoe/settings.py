@@ -247,6 +247,15 @@ class LabelerSettings(StreamSettings):
     # Its state changelog must commit with the labels it goes with.
     guarantee: Literal["exactly-once"] = "exactly-once"
     attribution_window_s: float = 10.0
+    negative_sampling_rate: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="share of negatives emitted to labelled-events, chosen by a hash of the "
+        "request id (a replay decides the same); each carries weight 1 / this share, which "
+        "the trainer's loss and metrics apply, so pCTR stays calibrated. Positives and late "
+        "positives are all emitted",
+    )
 
 
 class TrainerSettings(StreamSettings):

@@ -1,7 +1,10 @@
 """The labeler: joins the feature log with clicks into labelled events.
 
 * A click inside the attribution window labels its impression 1 (emitted at once).
-* An impression whose window closes without a click is emitted as 0.
+* An impression whose window closes without a click is emitted as 0: every one, or a
+  share of them (``negative_sampling_rate``, chosen by a hash of the request id) each
+  weighted by the inverse of that share, so that the trainer's loss stays unbiased and
+  the served pCTR calibrated while it trains on a fraction of the events.
 * A click after that is a *late positive*: emitted again with label 1 and
   ``late_positive=True`` so the trainer can correct the earlier negative (fake-negative
   weighting); it is never dropped.
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,6 +116,12 @@ def _wrong_ad(click: dict[str, Any]) -> str:
     return f"click on ad {click['ad_id']} that request {click['request_id']} did not serve"
 
 
+def keeps_negative(request_id: str, rate: float) -> bool:
+    """Whether the negative of ``request_id`` is emitted when negatives are sampled at
+    ``rate``: a hash of the id, not a draw, so a replay after a crash decides the same."""
+    return rate >= 1.0 or zlib.crc32(f"negative:{request_id}".encode()) < rate * 2**32
+
+
 class Labeler:
     """StreamApp handler over feature-log and ad-clicks, and its ``PartitionHooks``.
 
@@ -121,6 +131,8 @@ class Labeler:
         read_state: reads the changelog of partitions on assignment; None starts empty.
         push_counters: called with (user counters, ad counters) to push into Feast, or None.
         clock_ms: the wall clock (milliseconds), replaceable in tests.
+        negative_sampling_rate: the share of negatives emitted (see ``keeps_negative``);
+            each carries weight ``1 / negative_sampling_rate``.
     """
 
     def __init__(
@@ -132,8 +144,14 @@ class Labeler:
         read_state: ReadState | None = None,
         push_counters: PushCounters | None = None,
         clock_ms: Callable[[], int] | None = None,
+        negative_sampling_rate: float = 1.0,
     ) -> None:
+        if not 0 < negative_sampling_rate <= 1:
+            raise ValueError(
+                f"negative_sampling_rate must be in (0, 1], got {negative_sampling_rate}"
+            )
         self.feature_log_topic = feature_log_topic
+        self.negative_sampling_rate = negative_sampling_rate
         self.labelled_topic = labelled_topic
         self.state_topic = state_topic
         self.window_ms = int(window_s * 1000)
@@ -343,6 +361,12 @@ class Labeler:
         self.counts["late_positives" if late else ("positives" if label else "negatives")] += 1
         state.decided[impression["request_id"]] = self._decided(label, impression)
         self._changed_key(n, impression["request_id"])
+        weight = 1.0
+        if not label:
+            if not keeps_negative(impression["request_id"], self.negative_sampling_rate):
+                self.counts["negatives_sampled_out"] += 1
+                return
+            weight = 1.0 / self.negative_sampling_rate
         result.outputs.append(
             Output(
                 self.labelled_topic,
@@ -353,6 +377,7 @@ class Labeler:
                     "click_delay_ms": delay,
                     "late_positive": late,
                     "labelled_at": self.clock_ms(),
+                    "weight": weight,
                 },
             )
         )

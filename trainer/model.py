@@ -91,21 +91,26 @@ def masked_bce(
     labels: torch.Tensor,
     fmt: torch.Tensor,
     task_weights: torch.Tensor | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Adaptive loss masking: ``L = sum_t w_t * mean_{i: fmt_i = t} BCE(y_i, p_t(x_i))``.
 
     A sample contributes only to its own format's tower; each task is averaged over its
     own (unmasked) samples, so a rare format is not drowned by audio; tasks absent from
-    the batch contribute nothing.
+    the batch contribute nothing. With ``sample_weights`` (importance weights of sampled
+    negatives) each task's mean is the weighted mean, an unbiased estimate of the loss
+    over the events before sampling.
 
-    Shapes: logits (B, T), labels (B,) float, fmt (B,) int64 -> scalar.
+    Shapes: logits (B, T), labels (B,) float, fmt (B,) int64, sample_weights (B,) -> scalar.
     """
     n_tasks = logits.shape[1]
     mask = F.one_hot(fmt, n_tasks).to(logits.dtype)  # (B, T)
+    if sample_weights is not None:
+        mask = mask * sample_weights.view(-1, 1)
     target = labels.view(-1, 1).expand_as(logits)  # (B, T)
     losses = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * mask
     counts = mask.sum(dim=0)  # (T,)
-    per_task = losses.sum(dim=0) / counts.clamp_min(1.0)  # (T,)
+    per_task = losses.sum(dim=0) / counts.clamp_min(1e-12)  # (T,)
     weights = task_weights if task_weights is not None else torch.ones_like(per_task)
     return (weights * per_task * (counts > 0)).sum()
 

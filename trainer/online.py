@@ -67,12 +67,14 @@ CHECK_ROWS = 64  # rows of the last trained batch a candidate is checked on in T
 
 @dataclass
 class Examples:
-    """Labelled events as arrays: categorical (B, C), numeric (B, N), format (B,), label (B,)."""
+    """Labelled events as arrays: categorical (B, C), numeric (B, N), format (B,), label (B,),
+    weight (B,): the importance weight of a sampled event (1 when nothing was sampled)."""
 
     categorical: np.ndarray
     numeric: np.ndarray
     fmt: np.ndarray
     label: np.ndarray
+    weight: np.ndarray
 
     @classmethod
     def from_events(cls, events: list[dict[str, Any]]) -> Examples:
@@ -82,10 +84,17 @@ class Examples:
             np.asarray([i["numeric"] for i in impressions], dtype=np.float32),
             np.asarray([format_index(i["format"]) for i in impressions], dtype=np.int64),
             np.asarray([e["label"] for e in events], dtype=np.float32),
+            np.asarray([e.get("weight", 1.0) for e in events], dtype=np.float32),
         )
 
     def __len__(self) -> int:
         return len(self.label)
+
+
+def adam(model: nn.Module, learning_rate: float) -> torch.optim.Adam:
+    """Adam with its fused kernel: one pass over all parameters per step instead of one
+    per tensor, the larger part of a small model's step on a CPU."""
+    return torch.optim.Adam(model.parameters(), lr=learning_rate, fused=True)
 
 
 def predict(model: nn.Module, x: Examples) -> np.ndarray:
@@ -95,9 +104,9 @@ def predict(model: nn.Module, x: Examples) -> np.ndarray:
         return torch.sigmoid(select_task(logits, torch.from_numpy(x.fmt))).numpy()
 
 
-def logloss(p: np.ndarray, y: np.ndarray) -> float:
+def logloss(p: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> float:
     p = np.clip(p, 1e-7, 1 - 1e-7)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    return float(-np.average(y * np.log(p) + (1 - y) * np.log(1 - p), weights=weights))
 
 
 def finite(model: nn.Module) -> bool:
@@ -129,8 +138,8 @@ def quality_gate(
     p = predict(candidate, held_out)
     if not np.isfinite(p).all():
         return Gate(False, "held-out scores are not finite")
-    mine = logloss(p, held_out.label)
-    theirs = logloss(predict(serving, held_out), held_out.label)
+    mine = logloss(p, held_out.label, held_out.weight)
+    theirs = logloss(predict(serving, held_out), held_out.label, held_out.weight)
     if mine > theirs * (1 + tolerance):
         return Gate(
             False, f"held-out logloss {mine:.4f} worse than serving {theirs:.4f}", mine, theirs
@@ -233,7 +242,7 @@ class IncrementalTrainer:
         self.topic = settings.kafka.topics.model_updates.name
         self.checkpoint_path = checkpoint_path
         self.cluster_id = cluster_id
-        self.optimiser = torch.optim.Adam(model.parameters(), lr=self.t.online_learning_rate)
+        self.optimiser = adam(model, self.t.online_learning_rate)
         self.serving = copy.deepcopy(model).eval()  # the version Triton serves
         self.offsets: dict[str, int] = {}  # "topic:partition" -> next offset to read
         self.checkpointed: dict[str, int] = {}  # the offsets of the last checkpoint
@@ -324,7 +333,7 @@ class IncrementalTrainer:
             (held if held_out else self.ready).append(event)
         if held:
             h = Examples.from_events(held)
-            self.held_out.add(h.categorical, h.numeric, h.fmt, h.label)
+            self.held_out.add(h.categorical, h.numeric, h.fmt, h.label, h.weight)
         self._train_ready(whole_batches_only=True)
         if self._cadence_due():
             self._train_ready(whole_batches_only=False)
@@ -358,7 +367,7 @@ class IncrementalTrainer:
             return
         train, self.ready = self.ready[:count], self.ready[count:]
         x = Examples.from_events(train)
-        self.recent.add(x.fmt, x.label, predict(self.model, x))  # test, then train
+        self.recent.add(x.fmt, x.label, predict(self.model, x), x.weight)  # test, then train
         self._train(x)
         rows = (x.categorical, x.numeric, x.fmt)
         if self.check is not None and len(x) < CHECK_ROWS:  # a remainder: keep enough rows
@@ -371,12 +380,15 @@ class IncrementalTrainer:
         ]
 
     def _train(self, x: Examples) -> None:
-        tensors = to_tensors(x.categorical, x.numeric, x.fmt, x.label)
+        tensors = (
+            *to_tensors(x.categorical, x.numeric, x.fmt, x.label),
+            torch.from_numpy(x.weight),
+        )
         self.model.train()
         size = self.t.online_batch_size
         for start in range(0, len(x), size):
-            c, n, f, y = (t[start : start + size] for t in tensors)
-            loss = masked_bce(self.model(c, n), y, f)
+            c, n, f, y, w = (t[start : start + size] for t in tensors)
+            loss = masked_bce(self.model(c, n), y, f, sample_weights=w)
             self.optimiser.zero_grad()
             loss.backward()
             self.optimiser.step()
@@ -398,11 +410,11 @@ class IncrementalTrainer:
         recent = self.recent.arrays()
         if recent is None:
             return {}
-        fmt, label, p = recent
+        fmt, label, p, weight = recent
         scored = np.isfinite(p)  # a diverged candidate's scores (it was rolled back) say nothing
-        fmt, label, p = fmt[scored], label[scored], p[scored]
+        fmt, label, p, weight = fmt[scored], label[scored], p[scored], weight[scored]
         figures = {}
-        for name_of_format, metrics in per_format(p, label, fmt).items():
+        for name_of_format, metrics in per_format(p, label, fmt, weight).items():
             for name in ("auc_pr", "logloss", "ece"):
                 if np.isfinite(metrics[name]):
                     figures[f"{name_of_format}_{name}"] = metrics[name]
@@ -421,9 +433,7 @@ class IncrementalTrainer:
             log.warning("candidate rejected by the quality gate: %s", gate.reason)
             if not finite(self.model):
                 self.model.load_state_dict(self.serving.state_dict())
-                self.optimiser = torch.optim.Adam(
-                    self.model.parameters(), lr=self.t.online_learning_rate
-                )
+                self.optimiser = adam(self.model, self.t.online_learning_rate)
             return None
         assert self.check is not None  # a publish follows training
         try:

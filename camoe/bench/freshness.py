@@ -37,7 +37,7 @@ from camoe.features import FORMATS
 from camoe.settings import Settings
 from camoe.stack.stack import Endpoints
 from camoe.streaming.avro import AvroCodec
-from trainer.metrics import expected_auc_pr, format_metrics
+from trainer.metrics import ece, expected_auc_pr, format_metrics
 
 Report = dict[str, Any]
 
@@ -105,25 +105,33 @@ def analyse(record: LoopRecord, frozen: Any, window_s: float) -> Report:
         windows.append(
             {
                 "start_s": float(start),
-                **_compare(online[rows], frozen_p[rows], x.label[rows], x.fmt[rows]),
+                **_compare(
+                    online[rows], frozen_p[rows], x.label[rows], x.fmt[rows], x.weight[rows]
+                ),
             }
         )
     report["windows"] = windows
     late = elapsed >= elapsed.max() / 2
-    report["second_half"] = _compare(online[late], frozen_p[late], x.label[late], x.fmt[late])
+    report["second_half"] = _compare(
+        online[late], frozen_p[late], x.label[late], x.fmt[late], x.weight[late]
+    )
     report["freshness_samples_s"] = [round(float(f), 3) for f in freshness]
     return report
 
 
-def _compare(online: np.ndarray, frozen: np.ndarray, y: np.ndarray, fmt: np.ndarray) -> Report:
+def _compare(
+    online: np.ndarray, frozen: np.ndarray, y: np.ndarray, fmt: np.ndarray, w: np.ndarray
+) -> Report:
+    """Per format, AUC-PR of the served and the frozen scores of labelled impressions,
+    weighted by their importance weights (negatives sampled by the labeler)."""
     out: Report = {}
     for k, name in enumerate(FORMATS):
         rows = fmt == k
         out[name] = {
-            "impressions": int(rows.sum()),
+            "impressions": round(float(w[rows].sum())),
             "clicks": int(y[rows].sum()),
-            "online_auc_pr": format_metrics(online[rows], y[rows])["auc_pr"],
-            "frozen_auc_pr": format_metrics(frozen[rows], y[rows])["auc_pr"],
+            "online_auc_pr": format_metrics(online[rows], y[rows], w[rows])["auc_pr"],
+            "frozen_auc_pr": format_metrics(frozen[rows], y[rows], w[rows])["auc_pr"],
         }
     return out
 
@@ -161,7 +169,9 @@ def evaluate_latest(
         versions.add(version)
     triton.close()
     online = np.concatenate(served)
-    frozen_p = predict(frozen, Examples(x.categorical, x.numeric, x.fmt, truth))
+    frozen_p = predict(
+        frozen, Examples(x.categorical, x.numeric, x.fmt, truth, np.ones_like(truth))
+    )
     out: Report = {"requests": requests, "hours": round(hours, 4), "versions": sorted(versions)}
     for k, name in enumerate(FORMATS):
         rows = x.fmt == k
@@ -172,6 +182,9 @@ def evaluate_latest(
                 f"{model}_auc_pr": expected_auc_pr(scores[rows], truth[rows])
                 for model, scores in (("online", online), ("frozen", frozen_p), ("true", truth))
             },
+            # Calibration against the true probabilities: no label noise in it.
+            "online_ece": ece(online[rows], truth[rows]),
+            "frozen_ece": ece(frozen_p[rows], truth[rows]),
         }
     return out
 
@@ -208,7 +221,8 @@ def summary_lines(report: Report) -> list[str]:
             f = latest[name]
             lines.append(
                 f"  {name:>8}: {f['online_auc_pr']:.3f} vs {f['frozen_auc_pr']:.3f} "
-                f"({f['true_auc_pr']:.3f}), {f['expected_clicks']:.0f} clicks expected"
+                f"({f['true_auc_pr']:.3f}), ECE {f['online_ece']:.4f} vs {f['frozen_ece']:.4f}, "
+                f"{f['expected_clicks']:.0f} clicks expected"
             )
     return lines
 

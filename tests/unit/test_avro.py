@@ -76,6 +76,7 @@ SAMPLES = {
         "click_delay_ms": 2_300,
         "late_positive": False,
         "labelled_at": T0 + 2_400,
+        "weight": 10.0,
     },
     "model_update": {
         "model_name": "camoe",

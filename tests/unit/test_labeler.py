@@ -9,7 +9,7 @@ from confluent_kafka import TopicPartition
 
 from camoe.streaming.app import BatchResult, Record
 from camoe.streaming.avro import AvroCodec
-from consumers.labeler import Labeler
+from consumers.labeler import Labeler, keeps_negative
 
 FEATURE_LOG = "feature-log"
 CLICKS = "ad-clicks"
@@ -69,7 +69,7 @@ class Changelog:
 
 
 class Harness:
-    def __init__(self, push_counters=None, changelog=None, clock=None):
+    def __init__(self, push_counters=None, changelog=None, clock=None, negative_sampling_rate=1.0):
         self.clock = clock or FakeClock()
         self.offsets = Offsets()
         self.changelog = changelog or Changelog()
@@ -81,6 +81,7 @@ class Harness:
             read_state=self.changelog.read,
             push_counters=push_counters,
             clock_ms=self.clock,
+            negative_sampling_rate=negative_sampling_rate,
         )
 
     def impression(self, request_id, t, ad_id="ad-1", user_id="user-1", partition=0):
@@ -189,6 +190,47 @@ def test_click_after_window_closed_is_a_late_positive(h):
     # A second copy of the late click is a duplicate, not another event.
     assert labels(h(h.click("r1", T0 + 12_000), now=T0 + 13_000)) == []
     assert h.labeler.counts["duplicate_clicks"] == 1
+
+
+# --- negative sampling ----------------------------------------------------------------
+
+
+def test_sampled_negatives_carry_the_inverse_rate_and_positives_are_all_kept():
+    h = Harness(negative_sampling_rate=0.25)
+    n = 2_000
+    impressions = [h.impression(f"r{i}", T0 + i) for i in range(n)]
+    clicks = [h.click(f"r{i}", T0 + i + 500) for i in range(0, n, 20)]
+    out = labels(h(*impressions, *clicks, now=T0 + n))
+    out += labels(h(now=T0 + n + 3 * WINDOW_MS))  # every window closed
+    positives = [o for o in out if o.value["label"] == 1]
+    negatives = [o for o in out if o.value["label"] == 0]
+    assert len(positives) == len(clicks) and {o.value["weight"] for o in positives} == {1.0}
+    assert {o.value["weight"] for o in negatives} == {4.0}
+    kept = {f"r{i}" for i in range(n) if i % 20 and keeps_negative(f"r{i}", 0.25)}
+    assert {o.key for o in negatives} == kept
+    assert 0.2 < len(kept) / (n - len(clicks)) < 0.3
+    # Each negative is decided once: emitted or sampled out, and counted either way.
+    assert h.labeler.counts["negatives"] == n - len(clicks)
+    assert h.labeler.counts["negatives_sampled_out"] == n - len(clicks) - len(kept)
+    assert h.labeler.user_counters["user-1"] == [n, len(clicks)]
+
+
+def test_a_late_click_after_a_sampled_out_negative_is_still_a_late_positive():
+    h = Harness(negative_sampling_rate=0.01)
+    dropped = next(f"r{i}" for i in range(1000) if not keeps_negative(f"r{i}", 0.01))
+    h(h.impression(dropped, T0), now=T0)
+    assert labels(h(now=T0 + WINDOW_MS)) == []  # its negative sampled out
+    out = only_output(h(h.click(dropped, T0 + 12_000), now=T0 + 12_500))
+    assert out.value["label"] == 1 and out.value["late_positive"] is True
+    assert out.value["weight"] == 1.0
+
+
+def test_the_sampling_decision_is_a_function_of_the_request_id():
+    ids = [f"r{i}" for i in range(500)]
+    assert [keeps_negative(r, 0.3) for r in ids] == [keeps_negative(r, 0.3) for r in ids]
+    assert all(keeps_negative(r, 1.0) for r in ids)
+    with pytest.raises(ValueError, match="negative_sampling_rate"):
+        Harness(negative_sampling_rate=0.0)
 
 
 def test_duplicate_click_counts_once(h):

@@ -104,6 +104,37 @@ def test_masked_bce_matches_manual_per_task_mean_sum():
     assert float(masked_bce(logits, labels, fmt, weights)) == pytest.approx(expected, rel=1e-5)
 
 
+def test_sample_weights_count_a_sample_as_that_many_copies():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 3, generator=g)
+    labels = torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.float32)
+    fmt = torch.tensor([0, 0, 1, 1, 2, 2])
+    weights = torch.tensor([1.0, 3.0, 1.0, 1.0, 2.0, 1.0])
+    copies = torch.repeat_interleave(torch.arange(6), weights.long())
+    expected = masked_bce(logits[copies], labels[copies], fmt[copies])
+    weighted = masked_bce(logits, labels, fmt, sample_weights=weights)
+    assert float(weighted) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_importance_weights_undo_negative_sampling():
+    # A constant model trained on every positive and a tenth of the negatives, each kept
+    # negative weighted 10, learns the base rate; unweighted, it learns the sampled rate.
+    rng = np.random.default_rng(3)
+    y = (rng.random(200_000) < 0.02).astype(np.float32)
+    kept = (y == 1) | (rng.random(len(y)) < 0.1)
+    labels = torch.from_numpy(y[kept])
+    fmt = torch.zeros(len(labels), dtype=torch.int64)
+    for weights, rate in ((torch.where(labels == 1, 1.0, 10.0), 0.02), (None, y[kept].mean())):
+        bias = torch.zeros(1, 1, requires_grad=True)
+        optimiser = torch.optim.Adam([bias], lr=0.05)
+        for _ in range(400):
+            loss = masked_bce(bias.expand(len(labels), 1), labels, fmt, sample_weights=weights)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        assert float(torch.sigmoid(bias.detach())) == pytest.approx(rate, rel=0.05)
+
+
 def test_masked_bce_is_not_the_pooled_mean():
     # A rare task is averaged over its own samples, not diluted by the common one.
     logits = torch.zeros(4, 3)

@@ -77,6 +77,7 @@ def test_gate_rejects_non_finite_and_worse_candidates(world_and_model):
         history["numeric"][2000:],
         history["format"][2000:],
         history["label"][2000:],
+        np.ones(len(history["label"]) - 2000, np.float32),
     )
     assert quality_gate(serving, serving, held, 0.0).passed
 
@@ -230,3 +231,29 @@ def test_events_wait_until_the_negatives_of_their_time_have_arrived(world_and_mo
     resumed = trainer_for(settings, state, tmp_path, Checkpoint.load(tmp_path / "trainer.pt"))
     assert resumed.waiting == saved_waiting and resumed.closed_ms == trainer.closed_ms
     assert resumed.ready == trainer.ready
+
+
+def test_sampled_events_weigh_in_training_the_gate_and_the_live_metrics(
+    world_and_model, tmp_path
+):
+    """Negatives the labeler sampled at a tenth carry weight 10: the trainer's steps and
+    metrics count each as ten events, as if none had been dropped."""
+    settings, history, state = world_and_model
+    values = labelled_events(history, 1500, 640)
+    for value in values:
+        value["weight"] = 1.0 if value["label"] else 10.0
+    torch.manual_seed(0)
+    weighted = trainer_for(settings, state, tmp_path / "weighted", None)
+    weighted(records(values, 0))
+    _, _, _, weights = weighted.recent.arrays()
+    assert set(weights.tolist()) <= {1.0, 10.0} and 10.0 in weights.tolist()
+    assert weighted.held_out.arrays()[4].max() == 10.0
+    torch.manual_seed(0)
+    plain = trainer_for(settings, state, tmp_path / "plain", None)
+    plain(records([{**v, "weight": 1.0} for v in values], 0))
+    differs = [
+        name
+        for name, tensor in plain.model.state_dict().items()
+        if tensor.is_floating_point() and not torch.equal(weighted.model.state_dict()[name], tensor)
+    ]
+    assert differs  # the weights changed the steps
