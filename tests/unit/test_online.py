@@ -233,9 +233,7 @@ def test_events_wait_until_the_negatives_of_their_time_have_arrived(world_and_mo
     assert resumed.ready == trainer.ready
 
 
-def test_sampled_events_weigh_in_training_the_gate_and_the_live_metrics(
-    world_and_model, tmp_path
-):
+def test_sampled_events_weigh_in_training_the_gate_and_the_live_metrics(world_and_model, tmp_path):
     """Negatives the labeler sampled at a tenth carry weight 10: the trainer's steps and
     metrics count each as ten events, as if none had been dropped."""
     settings, history, state = world_and_model
