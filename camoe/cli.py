@@ -6,7 +6,7 @@ camoe score | label | train    run one component until stopped (SIGTERM / Ctrl-C
 camoe score --workers N        N scoring processes in one consumer group
 camoe demo [--duration S]      the whole loop for a bounded time, with a summary
 camoe top --port P             live view of a scorer's metrics
-camoe bench NAME --out DIR     quality | scoring | freshness: print and save figures
+camoe bench NAME --out DIR     quality | scoring | freshness | loop: print and save figures
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     top.add_argument("--every", type=float, default=2.0, help="seconds between refreshes")
     bench = commands.add_parser("bench", help="benchmarks that print and save figures")
-    bench.add_argument("name", choices=["quality", "scoring", "freshness"])
+    bench.add_argument("name", choices=["quality", "scoring", "freshness", "loop"])
     bench.add_argument("--out", type=Path, required=True, help="folder for results and plots")
     bench.add_argument("--seeds", type=int, default=None, help="quality: default bench.seeds")
     bench.add_argument(
@@ -77,7 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         "--seconds",
         type=float,
         default=None,
-        help="scoring: measured seconds of load (30); freshness: of traffic (demo.duration_s)",
+        help="scoring: measured seconds of load (30); freshness, loop: of traffic "
+        "(demo.duration_s)",
+    )
+    bench.add_argument(
+        "--rates",
+        default="500,1000,2000,4000",
+        help="loop: requests/s to run the whole loop at, comma-separated",
+    )
+    bench.add_argument(
+        "--click-boost",
+        type=float,
+        default=1.0,
+        help="loop: multiplies every CTR (1: the simulator's own)",
     )
     bench.add_argument(
         "--sim-config",
@@ -168,6 +180,24 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             args.seconds if args.seconds is not None else 30.0,
             progress=lambda line: print(line, flush=True),
             warmup_s=args.warmup,
+        )
+        return 0
+    if args.command == "bench" and args.name == "loop":
+        from camoe.bench import loop
+
+        try:
+            rates = [float(r) for r in args.rates.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"--rates takes numbers separated by commas, not {args.rates!r}"
+            ) from None
+        loop.run(
+            settings,
+            args.out,
+            rates,
+            args.seconds if args.seconds is not None else settings.demo.duration_s,
+            click_boost=args.click_boost,
+            progress=lambda line: print(line, flush=True),
         )
         return 0
     if args.command == "bench" and args.name == "freshness":

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,13 @@ from trainer.model import build_served_camoe
 from trainer.train import calibrate, fit, load_model, save_model
 
 log = logging.getLogger(__name__)
+
+# Entered with the components running, exited when the traffic ends; what it yields
+# (filled in by then) is the run's summary's ``watch``.
+Watch = Callable[
+    [Settings, Endpoints, dict[str, subprocess.Popen[bytes]]],
+    AbstractContextManager[dict[str, Any]],
+]
 
 
 def prepare(settings: Settings, endpoints: Endpoints, fresh: bool = False) -> None:
@@ -127,10 +136,12 @@ def run_loop(
     progress: Callable[[str], None] | None = None,
     drain_s: float | None = None,
     report: Callable[[Settings, Endpoints], dict[str, Any]] | None = None,
+    watch: Watch | None = None,
 ) -> dict[str, Any]:
     """The whole loop for a bounded time on the stack, on topics of its own and from a
     fresh version 1; returns the driver's summary, with ``report``'s result under
-    ``loop`` (it runs after the traffic, while the services still run)."""
+    ``loop`` (it runs after the traffic, while the services still run) and what
+    ``watch`` (entered while the traffic runs) gathered under ``watch``."""
     stack = Stack(settings)
     before = stack.endpoints()
     endpoints = stack.up()
@@ -140,16 +151,20 @@ def run_loop(
         create_topics(endpoints.kafka or "", settings.kafka.topics.all())
         prepare(settings, endpoints, fresh=True)
         with components(settings, endpoints) as processes:
-            stats = drive(
-                settings,
-                endpoints,
-                duration_s,
-                progress,
-                settings.labeler.attribution_window_s + 5 if drain_s is None else drain_s,
-            )
+            watching = watch(settings, endpoints, processes) if watch else nullcontext({})
+            with watching as watched:
+                stats = drive(
+                    settings,
+                    endpoints,
+                    duration_s,
+                    progress,
+                    settings.labeler.attribution_window_s + 5 if drain_s is None else drain_s,
+                )
             failed = {n: p.returncode for n, p in processes.items() if p.poll() is not None}
         summary = stats.summary()
         summary["component_failures"] = failed
+        if watch is not None:
+            summary["watch"] = watched
         if report is not None:
             summary["loop"] = report(settings, endpoints)
         return summary

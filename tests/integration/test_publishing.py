@@ -205,7 +205,7 @@ CRASHING_PUBLISH = textwrap.dedent(
     import numpy as np
     import torch
 
-    from services.triton import TritonClient
+    from camoe.clients.triton import TritonClient
     from trainer.export import Publisher
 
     # Dies for real where the rename would be: the staging folder is written and checked.
