@@ -283,6 +283,14 @@ class TrainerSettings(StreamSettings):
     publish_every_s: float = Field(
         default=10.0, description="publish when this long has passed and anything was learned"
     )
+    publish_time_share: float = Field(
+        default=0.3,
+        gt=0,
+        le=1,
+        description="the most of the trainer's time its cadence turns (gate, publish, "
+        "checkpoint) may take: after a turn of d seconds, training goes on for at least "
+        "d x (1 - share) / share before the next, whatever publish_every_examples says",
+    )
     pretrain_requests: int = 20_000
     pretrain_hours: float = Field(
         default=24.0, description="simulated hours of history before live traffic starts"

@@ -250,6 +250,8 @@ class IncrementalTrainer:
         self.version = 0
         self.since_publish = 0
         self.last_publish = time.monotonic()
+        self.turn_ended = 0.0  # when the last cadence turn ended, and how long it took
+        self.turn_s = 0.0
         self.learned_clicks: list[int] = []  # click times of positives since the last version
         self.held_out = Window(self.t.holdout_size)
         self.recent = Window(self.t.prequential_window)  # (format, label, pctr before training)
@@ -336,9 +338,12 @@ class IncrementalTrainer:
             self.held_out.add(h.categorical, h.numeric, h.fmt, h.label, h.weight)
         self._train_ready(whole_batches_only=True)
         if self._cadence_due():
+            started = time.monotonic()
             self._train_ready(whole_batches_only=False)
             update = self._publish()
             self._checkpoint()
+            self.turn_ended = time.monotonic()
+            self.turn_s = self.turn_ended - started
             if update is not None:
                 result.outputs.append(update)
         return result
@@ -397,10 +402,17 @@ class IncrementalTrainer:
         self.since_publish += len(x)
 
     def _cadence_due(self) -> bool:
+        """A turn is due after ``publish_every_examples`` or ``publish_every_s``, but never
+        sooner than its share of the trainer's time allows: after a turn of d seconds,
+        training goes on for at least d x (1 - share) / share (``publish_time_share``)."""
         learned = self.since_publish + len(self.ready)
         if learned == 0:
             return False
-        waited = time.monotonic() - self.last_publish
+        now = time.monotonic()
+        share = self.t.publish_time_share
+        if now - self.turn_ended < self.turn_s * (1 - share) / share:
+            return False
+        waited = now - self.last_publish
         return learned >= self.t.publish_every_examples or waited >= self.t.publish_every_s
 
     # --- rollout ----------------------------------------------------------------------

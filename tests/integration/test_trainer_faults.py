@@ -105,43 +105,53 @@ def test_sigkill_trainer_resumes_without_training_an_event_twice(trainer_world, 
     rng = np.random.default_rng(11)
     log_path = tmp_path / "train.log"
     kills = 0
+    lives: list[subprocess.Popen[bytes]] = []  # killed on the way out, whatever happens
     with log_path.open("ab") as log:
-        for wave in range(6):
-            saved = Checkpoint.load(checkpoint_path)
-            if wave >= len(waves) and saved is not None and saved.events == EVENTS:
-                break  # every event is in the lineage: a further life has nothing to learn
-            if wave < len(waves):
-                for i in waves[wave]:
-                    value = values[i]
-                    producer.produce(
-                        s.kafka.topics.labelled_events.name,
-                        key=value["impression"]["request_id"],
-                        value=codec.encode(value),
-                    )
-                assert producer.flush(10) == 0
-            turns = _cadence_turns(log_path)
-            process = _start_trainer(config, endpoints, log)
-            # Once it has checkpointed (a turn of the cadence), a random moment: training,
-            # exporting, loading into Triton or checkpointing again.
-            deadline = time.monotonic() + 180
-            # The turn is logged just before its checkpoint is saved: wait for the file too
-            # (else a first life killed in between has nothing to resume from).
-            while _cadence_turns(log_path) == turns or not checkpoint_path.exists():
-                assert process.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, "the trainer did not publish"
-                time.sleep(0.2)
-            time.sleep(float(rng.uniform(0.0, 4.0)))
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            kills += 1
+        try:
+            for wave in range(6):
+                saved = Checkpoint.load(checkpoint_path)
+                if wave >= len(waves) and saved is not None and saved.events == EVENTS:
+                    break  # every event is in the lineage: a further life has nothing to learn
+                if wave < len(waves):
+                    for i in waves[wave]:
+                        value = values[i]
+                        producer.produce(
+                            s.kafka.topics.labelled_events.name,
+                            key=value["impression"]["request_id"],
+                            value=codec.encode(value),
+                        )
+                    assert producer.flush(10) == 0
+                turns = _cadence_turns(log_path)
+                process = _start_trainer(config, endpoints, log)
+                lives.append(process)
+                # Once it has checkpointed (a turn of the cadence), a random moment: training,
+                # exporting, loading into Triton or checkpointing again.
+                deadline = time.monotonic() + 180
+                # The turn is logged just before its checkpoint is saved: wait for the file too
+                # (else a first life killed in between has nothing to resume from).
+                while _cadence_turns(log_path) == turns or not checkpoint_path.exists():
+                    assert process.poll() is None, log_path.read_text()[-3000:]
+                    assert time.monotonic() < deadline, "the trainer did not publish"
+                    time.sleep(0.2)
+                time.sleep(float(rng.uniform(0.0, 4.0)))
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                kills += 1
 
-        process = _start_trainer(config, endpoints, log)
-        deadline = time.monotonic() + 120
-        while log_path.read_text().count("resumed at version") < kills:  # the last restart
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the last life did not resume"
-            time.sleep(0.2)
-        saved = _checkpoint_with(checkpoint_path, EVENTS, process, log_path, 300)
+            process = _start_trainer(config, endpoints, log)
+            lives.append(process)
+            deadline = time.monotonic() + 120
+            while log_path.read_text().count("resumed at version") < kills:  # the last restart
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the last life did not resume"
+                time.sleep(0.2)
+            saved = _checkpoint_with(checkpoint_path, EVENTS, process, log_path, 300)
+
+        finally:
+            for life in lives:
+                if life.poll() is None:
+                    life.kill()
+                    life.wait()
 
     held_out = sum(
         zlib.crc32(v["impression"]["request_id"].encode()) % s.trainer.holdout_every == 0

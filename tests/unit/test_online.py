@@ -255,3 +255,38 @@ def test_sampled_events_weigh_in_training_the_gate_and_the_live_metrics(world_an
         if tensor.is_floating_point() and not torch.equal(weighted.model.state_dict()[name], tensor)
     ]
     assert differs  # the weights changed the steps
+
+
+def test_turns_take_at_most_their_share_of_the_trainers_time(
+    world_and_model, tmp_path, monkeypatch
+):
+    """At a high rate publish_every_examples is reached every poll: the trainer must still
+    spend most of its time training, not publishing."""
+    settings, history, state = world_and_model
+    s = settings.model_copy(
+        update={
+            "trainer": settings.trainer.model_copy(
+                update={"publish_every_examples": 100, "publish_time_share": 0.25}
+            )
+        }
+    )
+    trainer = trainer_for(s, state, tmp_path, None)
+    clock = [1000.0]
+    monkeypatch.setattr("trainer.online.time.monotonic", lambda: clock[0])
+    real_publish = trainer._publish
+    turns = []
+
+    def slow_publish():  # a publish that takes 2 s on the trainer's clock
+        turns.append(clock[0])
+        clock[0] += 2.0
+        return real_publish()
+
+    monkeypatch.setattr(trainer, "_publish", slow_publish)
+    trainer(records(labelled_events(history, 1500, 200), 0))
+    assert len(turns) == 1 and trainer.turn_s == pytest.approx(2.0)
+    clock[0] += 5.9  # training goes on for 2 x 0.75 / 0.25 = 6 s before the next turn
+    trainer(records(labelled_events(history, 1700, 200), 200))
+    assert len(turns) == 1
+    clock[0] += 0.2
+    trainer(records(labelled_events(history, 1900, 200), 400))
+    assert len(turns) == 2
