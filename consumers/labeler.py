@@ -33,12 +33,12 @@ goes on from the committed offsets, so a crash loses no label and emits none twi
 At-least-once is refused: without the transaction a crash could leave the changelog
 ahead of the labels it goes with, and those labels would be lost.
 
-It also keeps per-user and per-ad impression and click counters and pushes them into
-Feast's push sources, so scoring sees fresh counters. Counters are kept per partition
-(one user's impressions come from every partition) and pushed as the sum over this
-worker's partitions: exact with one labeler worker (the default), a worker's share with
-more. A push happens before its transaction commits; a crash before the commit is
-corrected by the push of the replayed batch.
+It also keeps per-user and per-ad impression and click counters and writes them into
+Feast's counter views (the online store), so scoring sees fresh counters. Counters are
+kept per partition (one user's impressions come from every partition) and written as
+the sum over this worker's partitions: exact with one labeler worker (the default), a
+worker's share with more. A write happens before its transaction commits; a crash
+before the commit is corrected by the write of the replayed batch.
 """
 
 from __future__ import annotations

@@ -264,18 +264,37 @@ def _oldest(view: Any) -> datetime | None:
 
 
 def counter_pusher(store: Any) -> Any:
-    """A function that pushes fresh counters through the repository's push sources:
-    ``users`` and ``ads`` map an id to its counts in the counter views' field order."""
-    import pandas as pd
+    """A function that writes fresh counters into the online store's counter views:
+    ``users`` and ``ads`` map an id to its counts in the views' field order.
+
+    The rows go straight to the provider's ``online_write_batch``, the write path (and
+    key layout) Feast's push ends in, with the views looked up once: ``store.push``
+    re-read every view from the registry and built a DataFrame on each call, four fifths
+    of the labeler's time."""
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    provider = store._get_provider()
+    views = {
+        entity: (store.get_feature_view(f"{entity}_counters"), fields)
+        for entity, fields in (("user", USER_COUNTERS), ("ad", AD_COUNTERS))
+    }
 
     def push(users: dict[str, list[int]], ads: dict[str, list[int]]) -> None:
-        now = pd.Timestamp.now(tz="UTC")
-        for entity, counts, fields in (("user", users, USER_COUNTERS), ("ad", ads, AD_COUNTERS)):
-            if counts:
-                frame: dict[str, Any] = {f"{entity}_id": list(counts), "event_timestamp": now}
-                frame.update(
-                    {name: [c[i] for c in counts.values()] for i, name in enumerate(fields)}
+        now = datetime.now(UTC)
+        for entity, counts in (("user", users), ("ad", ads)):
+            if not counts:
+                continue
+            view, fields = views[entity]
+            rows = [
+                (
+                    EntityKey(join_keys=[f"{entity}_id"], entity_values=[Value(string_val=key)]),
+                    {name: Value(int64_val=int(c[i])) for i, name in enumerate(fields)},
+                    now,
+                    None,
                 )
-                store.push(f"{entity}_counters_push_source", pd.DataFrame(frame))
+                for key, c in counts.items()
+            ]
+            provider.online_write_batch(store.config, view, rows, None)
 
     return push

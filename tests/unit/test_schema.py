@@ -116,15 +116,31 @@ def test_the_simulators_offline_data_has_the_views_columns(tmp_path):
         assert sorted(columns) == sorted([key, "event_timestamp", *stored(view)]), view
 
 
-def test_the_counter_pusher_pushes_the_counter_views_fields():
-    pushed: dict[str, list[str]] = {}
+def test_the_counter_pusher_writes_the_counter_views_fields():
+    written: dict[str, list] = {}
+
+    class View:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    class Provider:
+        def online_write_batch(self, config, view, rows, progress) -> None:
+            written[view.name] = [
+                (list(key.join_keys), key.entity_values[0].string_val, sorted(values))
+                for key, values, _, _ in rows
+            ]
 
     class Store:
-        def push(self, source: str, frame) -> None:
-            pushed[source] = list(frame.columns)
+        config = None
+
+        def _get_provider(self) -> Provider:
+            return Provider()
+
+        def get_feature_view(self, name: str) -> View:
+            return View(name)
 
     counter_pusher(Store())({"u1": [3, 1]}, {"a1": [5, 0]})
-    assert pushed == {
-        "user_counters_push_source": ["user_id", "event_timestamp", *stored("user_counters")],
-        "ad_counters_push_source": ["ad_id", "event_timestamp", *stored("ad_counters")],
+    assert written == {
+        "user_counters": [(["user_id"], "u1", sorted(stored("user_counters")))],
+        "ad_counters": [(["ad_id"], "a1", sorted(stored("ad_counters")))],
     }
