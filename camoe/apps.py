@@ -136,9 +136,11 @@ def run_labeler(settings: Settings, stop: Event) -> None:
         ),
         push_counters=counter_pusher(store),
         negative_sampling_rate=settings.labeler.negative_sampling_rate,
+        fake_negative=settings.labeler.feedback == "fake-negative",
     )
     log.info(
-        "labeler running (window %.1fs, negatives sampled at %g, exactly-once)",
+        "labeler running (%s mode, window %.1fs, negatives sampled at %g, exactly-once)",
+        settings.labeler.feedback,
         settings.labeler.attribution_window_s,
         settings.labeler.negative_sampling_rate,
     )

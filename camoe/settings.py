@@ -247,6 +247,14 @@ class LabelerSettings(StreamSettings):
     # Its state changelog must commit with the labels it goes with.
     guarantee: Literal["exactly-once"] = "exactly-once"
     attribution_window_s: float = 10.0
+    feedback: Literal["window", "fake-negative"] = Field(
+        default="window",
+        description="window: an impression is labelled once, 1 on a click inside the "
+        "attribution window, else 0 when it closes (a later click is a late positive); "
+        "fake-negative: every impression is emitted as a 0 at once and every click once more "
+        "as a 1, and the trainer corrects the bias by fake-negative weighting (Ktena et al. "
+        "2019), so nothing waits for the window",
+    )
     negative_sampling_rate: float = Field(
         default=1.0,
         gt=0,

@@ -1,15 +1,22 @@
 """The labeler: joins the feature log with clicks into labelled events.
 
-* A click inside the attribution window labels its impression 1 (emitted at once).
-* An impression whose window closes without a click is emitted as 0: every one, or a
-  share of them (``negative_sampling_rate``, chosen by a hash of the request id) each
-  weighted by the inverse of that share, so that the trainer's loss stays unbiased and
-  the served pCTR calibrated while it trains on a fraction of the events.
-* A click after that is a *late positive*: emitted again with label 1 and
-  ``late_positive=True`` so the trainer can correct the earlier negative (fake-negative
-  weighting); it is never dropped.
-* A duplicate click counts once; a click whose impression never shows up (within the
-  window) goes to the dead-letter topic.
+It labels in one of two modes (``labeler.feedback``):
+
+* ``window``: a click inside the attribution window labels its impression 1 (emitted at
+  once); an impression whose window closes without a click is emitted as 0. A click
+  after that is a *late positive*: emitted again with label 1 and ``late_positive=True``,
+  never dropped.
+* ``fake-negative`` (Ktena et al., RecSys 2019): every impression is emitted as a 0 as
+  soon as it is read, and every click once more as a 1 (in the window or late), with
+  ``fake_negative=True``; nothing waits for a window, and the trainer's fake-negative
+  weighting removes the bias of the early negatives. The window only bounds how long an
+  impression is remembered for its click.
+
+In both, negatives can be sampled: a share of them (``negative_sampling_rate``, chosen by
+a hash of the request id) each weighted by the inverse of that share, so that the
+trainer's loss stays unbiased and the served pCTR calibrated while it trains on a
+fraction of the events. A duplicate click counts once; a click whose impression never
+shows up (within the window) goes to the dead-letter topic.
 
 Time is per input partition and per topic, in event time (advanced by the wall clock
 since the last read): a window closes once the clicks of its partition have been read
@@ -133,6 +140,8 @@ class Labeler:
         clock_ms: the wall clock (milliseconds), replaceable in tests.
         negative_sampling_rate: the share of negatives emitted (see ``keeps_negative``);
             each carries weight ``1 / negative_sampling_rate``.
+        fake_negative: the ``fake-negative`` mode (see the module's docstring); else the
+            ``window`` mode.
     """
 
     def __init__(
@@ -145,6 +154,7 @@ class Labeler:
         push_counters: PushCounters | None = None,
         clock_ms: Callable[[], int] | None = None,
         negative_sampling_rate: float = 1.0,
+        fake_negative: bool = False,
     ) -> None:
         if not 0 < negative_sampling_rate <= 1:
             raise ValueError(
@@ -152,6 +162,7 @@ class Labeler:
             )
         self.feature_log_topic = feature_log_topic
         self.negative_sampling_rate = negative_sampling_rate
+        self.fake_negative = fake_negative
         self.labelled_topic = labelled_topic
         self.state_topic = state_topic
         self.window_ms = int(window_s * 1000)
@@ -240,6 +251,8 @@ class Labeler:
         self._count(n, state, row["user_id"], row["ad_id"], impressions=1, clicks=0)
         state.pending[request_id] = self._pending(row)
         self._changed_key(n, request_id)
+        if self.fake_negative:
+            self._output(row, None, False, result)
         orphan = state.orphans.pop(request_id, None)
         if orphan is not None:  # the click overtook its impression
             self._on_click(n, state, orphan, result)
@@ -250,7 +263,7 @@ class Labeler:
         pending = state.pending.get(request_id)
         if pending is not None and click["event_time"] > pending.closes_at_ms:
             # Its window closed in event time before the click: the negative stands first.
-            self._emit(n, state, state.pending.pop(request_id).impression, None, False, result)
+            self._close(n, state, request_id, result)
             pending = None
         if pending is not None:
             if click["ad_id"] != pending.impression["ad_id"]:
@@ -279,7 +292,16 @@ class Labeler:
         self, n: int, state: PartitionState, now_ms: int, result: BatchResult
     ) -> None:
         for request_id in [k for k, p in state.pending.items() if p.closes_at_ms <= now_ms]:
-            self._emit(n, state, state.pending.pop(request_id).impression, None, False, result)
+            self._close(n, state, request_id, result)
+
+    def _close(self, n: int, state: PartitionState, request_id: str, result: BatchResult) -> None:
+        """Its window closed without a click: labelled 0 (already emitted when fake-negative)."""
+        impression = state.pending.pop(request_id).impression
+        if self.fake_negative:
+            state.decided[request_id] = self._decided(0, impression)
+            self._changed_key(n, request_id)
+        else:
+            self._emit(n, state, impression, None, False, result)
 
     def _expire_orphans(
         self, n: int, state: PartitionState, now_ms: int, result: BatchResult
@@ -354,13 +376,25 @@ class Labeler:
         late: bool,
         result: BatchResult,
     ) -> None:
+        """Decides ``impression``'s label (1 with a click) and emits it."""
+        if click is not None:
+            self._count(n, state, impression["user_id"], impression["ad_id"], 0, 1)
+        state.decided[impression["request_id"]] = self._decided(int(click is not None), impression)
+        self._changed_key(n, impression["request_id"])
+        self._output(impression, click, late, result)
+
+    def _output(
+        self,
+        impression: dict[str, Any],
+        click: dict[str, Any] | None,
+        late: bool,
+        result: BatchResult,
+    ) -> None:
+        """The labelled event of ``impression`` (a positive with ``click``), unless it is a
+        negative that sampling leaves out."""
         label = 1 if click is not None else 0
         delay = click["event_time"] - impression["event_time"] if click else None
-        if label:
-            self._count(n, state, impression["user_id"], impression["ad_id"], 0, 1)
         self.counts["late_positives" if late else ("positives" if label else "negatives")] += 1
-        state.decided[impression["request_id"]] = self._decided(label, impression)
-        self._changed_key(n, impression["request_id"])
         weight = 1.0
         if not label:
             if not keeps_negative(impression["request_id"], self.negative_sampling_rate):
@@ -378,6 +412,7 @@ class Labeler:
                     "late_positive": late,
                     "labelled_at": self.clock_ms(),
                     "weight": weight,
+                    "fake_negative": self.fake_negative,
                 },
             )
         )

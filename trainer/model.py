@@ -115,6 +115,35 @@ def masked_bce(
     return (weights * per_task * (counts > 0)).sum()
 
 
+def fake_negative_weights(
+    logits: torch.Tensor, labels: torch.Tensor, fmt: torch.Tensor, fake_negative: torch.Tensor
+) -> torch.Tensor:
+    """Importance weights of fake-negative weighting (Ktena et al., RecSys 2019,
+    arXiv 1907.06558), for ``masked_bce``'s ``sample_weights``.
+
+    A stream that shows every impression once as a negative and every click once more as
+    a positive has a click rate ``q = p / (1 + p)`` where the true one is ``p``. Weighting
+    its positives by ``1 + p`` and its negatives by ``(1 - p)(1 + p)``, with ``p`` the
+    model's own pCTR held constant, turns that stream's BCE into an unbiased estimate of
+    the BCE of the true one. Rows not from that stream (``fake_negative`` False) get 1.
+
+    Shapes: logits (B, T), labels (B,) float, fmt (B,) int64, fake_negative (B,) bool
+    -> (B,).
+    """
+    p = torch.sigmoid(select_task(logits.detach(), fmt))  # (B,)
+    weights = torch.where(labels > 0, 1 + p, (1 - p) * (1 + p))
+    return torch.where(fake_negative, weights, torch.ones_like(weights))
+
+
+def observed_pctr(p: torch.Tensor, fake_negative: torch.Tensor) -> torch.Tensor:
+    """The click rate a fake-negative stream shows for true pCTR ``p``: ``p / (1 + p)``
+    where ``fake_negative``, else ``p``; what the trainer's metrics compare its labels with.
+
+    Shapes: p (B,), fake_negative (B,) bool -> (B,).
+    """
+    return torch.where(fake_negative, p / (1 + p), p)
+
+
 class ServingModel(nn.Module):
     """What Triton serves: calibrated pCTR of each candidate's own format's tower.
 

@@ -32,8 +32,12 @@ restart.
 
 Late positives (a click after the attribution window, when the negative was already
 trained) are trained as positives: together with the earlier negative the impression
-counts once each way, the fake-negative view of delayed feedback (Ktena et al., 2019)
-without its importance weights.
+counts once each way. Events of the labeler's fake-negative mode (``fake_negative``: every
+impression a negative at once, every click a positive more) are trained with fake-negative
+weighting (``trainer.model.fake_negative_weights``), so their model estimates the true
+pCTR; they are released at once, since their negatives come with the impressions. The
+gate's logloss and the prequential figures compare such events' labels with the click
+rate that stream shows (``observed_pctr``), not with the pCTR served.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from camoe.settings import Settings
 from camoe.streaming.app import BatchResult, Output, Record
 from trainer.export import Batch, Publisher, PublishError
 from trainer.metrics import per_format
-from trainer.model import masked_bce, select_task
+from trainer.model import fake_negative_weights, masked_bce, observed_pctr, select_task
 from trainer.train import to_tensors
 
 log = logging.getLogger(__name__)
@@ -68,13 +72,15 @@ CHECK_ROWS = 64  # rows of the last trained batch a candidate is checked on in T
 @dataclass
 class Examples:
     """Labelled events as arrays: categorical (B, C), numeric (B, N), format (B,), label (B,),
-    weight (B,): the importance weight of a sampled event (1 when nothing was sampled)."""
+    weight (B,): the importance weight of a sampled event (1 when nothing was sampled),
+    fake_negative (B,) bool: from the labeler's fake-negative mode."""
 
     categorical: np.ndarray
     numeric: np.ndarray
     fmt: np.ndarray
     label: np.ndarray
     weight: np.ndarray
+    fake_negative: np.ndarray
 
     @classmethod
     def from_events(cls, events: list[dict[str, Any]]) -> Examples:
@@ -85,7 +91,16 @@ class Examples:
             np.asarray([format_index(i["format"]) for i in impressions], dtype=np.int64),
             np.asarray([e["label"] for e in events], dtype=np.float32),
             np.asarray([e.get("weight", 1.0) for e in events], dtype=np.float32),
+            np.asarray([e.get("fake_negative", False) for e in events], dtype=bool),
         )
+
+    @classmethod
+    def unweighted(
+        cls, categorical: np.ndarray, numeric: np.ndarray, fmt: np.ndarray, label: np.ndarray
+    ) -> Examples:
+        """Examples of weight 1, none of them from a fake-negative stream."""
+        n = len(label)
+        return cls(categorical, numeric, fmt, label, np.ones(n, np.float32), np.zeros(n, bool))
 
     def __len__(self) -> int:
         return len(self.label)
@@ -97,11 +112,15 @@ def adam(model: nn.Module, learning_rate: float) -> torch.optim.Adam:
     return torch.optim.Adam(model.parameters(), lr=learning_rate, fused=True)
 
 
-def predict(model: nn.Module, x: Examples) -> np.ndarray:
-    """Calibrated pCTR of each example's own format, (B,)."""
+def predict(model: nn.Module, x: Examples, observed: bool = False) -> np.ndarray:
+    """Calibrated pCTR of each example's own format, (B,); with ``observed``, the click
+    rate its event's stream shows (``observed_pctr``), what its label is compared with."""
     with torch.no_grad():
         logits = model(torch.from_numpy(x.categorical), torch.from_numpy(x.numeric))
-        return torch.sigmoid(select_task(logits, torch.from_numpy(x.fmt))).numpy()
+        p = torch.sigmoid(select_task(logits, torch.from_numpy(x.fmt)))
+        if observed:
+            p = observed_pctr(p, torch.from_numpy(x.fake_negative))
+        return p.numpy()
 
 
 def logloss(p: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> float:
@@ -135,11 +154,11 @@ def quality_gate(
         return Gate(False, "weights are not finite")
     if held_out is None or len(held_out) == 0 or held_out.label.min() == held_out.label.max():
         return Gate(True, "no held-out events with both labels yet: checked finiteness only")
-    p = predict(candidate, held_out)
+    p = predict(candidate, held_out, observed=True)
     if not np.isfinite(p).all():
         return Gate(False, "held-out scores are not finite")
     mine = logloss(p, held_out.label, held_out.weight)
-    theirs = logloss(predict(serving, held_out), held_out.label, held_out.weight)
+    theirs = logloss(predict(serving, held_out, observed=True), held_out.label, held_out.weight)
     if mine > theirs * (1 + tolerance):
         return Gate(
             False, f"held-out logloss {mine:.4f} worse than serving {theirs:.4f}", mine, theirs
@@ -335,7 +354,7 @@ class IncrementalTrainer:
             (held if held_out else self.ready).append(event)
         if held:
             h = Examples.from_events(held)
-            self.held_out.add(h.categorical, h.numeric, h.fmt, h.label, h.weight)
+            self.held_out.add(h.categorical, h.numeric, h.fmt, h.label, h.weight, h.fake_negative)
         self._train_ready(whole_batches_only=True)
         if self._cadence_due():
             started = time.monotonic()
@@ -372,7 +391,9 @@ class IncrementalTrainer:
             return
         train, self.ready = self.ready[:count], self.ready[count:]
         x = Examples.from_events(train)
-        self.recent.add(x.fmt, x.label, predict(self.model, x), x.weight)  # test, then train
+        self.recent.add(
+            x.fmt, x.label, predict(self.model, x, observed=True), x.weight
+        )  # test, then train
         self._train(x)
         rows = (x.categorical, x.numeric, x.fmt)
         if self.check is not None and len(x) < CHECK_ROWS:  # a remainder: keep enough rows
@@ -388,12 +409,16 @@ class IncrementalTrainer:
         tensors = (
             *to_tensors(x.categorical, x.numeric, x.fmt, x.label),
             torch.from_numpy(x.weight),
+            torch.from_numpy(x.fake_negative),
         )
         self.model.train()
         size = self.t.online_batch_size
         for start in range(0, len(x), size):
-            c, n, f, y, w = (t[start : start + size] for t in tensors)
-            loss = masked_bce(self.model(c, n), y, f, sample_weights=w)
+            c, n, f, y, w, fake = (t[start : start + size] for t in tensors)
+            logits = self.model(c, n)
+            if fake.any():
+                w = w * fake_negative_weights(logits, y, f, fake)
+            loss = masked_bce(logits, y, f, sample_weights=w)
             self.optimiser.zero_grad()
             loss.backward()
             self.optimiser.step()

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from camoe.bench.figures import pyplot, save
 from camoe.clients.kafka import read_committed
 from camoe.features import FORMATS
 from camoe.settings import Settings
@@ -86,6 +87,11 @@ def analyse(record: LoopRecord, frozen: Any, window_s: float) -> Report:
         "impressions": len(record.impressions),
         "clicks_learned": len(freshness),
     }
+    if len(record.updates) >= 2:  # the trainer's rate between its first and last version
+        first, last = record.updates[0], record.updates[-1]
+        seconds = max((last["published_at"] - first["published_at"]) / 1000, 1e-9)
+        trained = last["examples_trained"] - first["examples_trained"]
+        report["trainer_examples_per_s"] = round(trained / seconds, 1)
     if len(freshness):
         report["freshness_s"] = {
             "p50": round(float(np.percentile(freshness, 50)), 2),
@@ -169,9 +175,7 @@ def evaluate_latest(
         versions.add(version)
     triton.close()
     online = np.concatenate(served)
-    frozen_p = predict(
-        frozen, Examples(x.categorical, x.numeric, x.fmt, truth, np.ones_like(truth))
-    )
+    frozen_p = predict(frozen, Examples.unweighted(x.categorical, x.numeric, x.fmt, truth))
     out: Report = {"requests": requests, "hours": round(hours, 4), "versions": sorted(versions)}
     for k, name in enumerate(FORMATS):
         rows = x.fmt == k
@@ -228,10 +232,7 @@ def summary_lines(report: Report) -> list[str]:
 
 
 def plot(report: Report, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     written = []
     samples = np.asarray(report.get("freshness_samples_s", []))
@@ -246,9 +247,7 @@ def plot(report: Report, out: Path) -> list[Path]:
         ax.set_title("Freshness")
         ax.legend()
         fig.tight_layout()
-        written.append(out / "freshness.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(save(fig, out / "freshness.png"))
     if report.get("windows"):
         fig, axes = plt.subplots(1, len(FORMATS), figsize=(13, 4), sharey=True)
         starts = [w["start_s"] for w in report["windows"]]
@@ -267,9 +266,7 @@ def plot(report: Report, out: Path) -> list[Path]:
         axes[0].legend()
         fig.suptitle("Online learning vs a frozen model while the traffic drifts")
         fig.tight_layout()
-        written.append(out / "auc_pr_over_time.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(save(fig, out / "auc_pr_over_time.png"))
     return written
 
 

@@ -38,11 +38,11 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, TopicPartition
 
+from camoe.bench.figures import pyplot, save
 from camoe.bench.freshness import reporter
-from camoe.clients.kafka import committed_offsets, consumer_config, read_committed
+from camoe.clients.kafka import committed_offsets, consumer_config
 from camoe.settings import Settings
 from camoe.stack.stack import Endpoints, Stack
-from camoe.streaming.avro import AvroCodec
 
 Report = dict[str, Any]
 SAMPLE_S = 2.0
@@ -185,18 +185,6 @@ def components_report(samples: list[Report], traffic_s: float) -> Report:
     return out
 
 
-def trainer_rate(settings: Settings, bootstrap: str) -> float:
-    """Examples the trainer trained per second, between its first and last version."""
-    updates = read_committed(
-        bootstrap, settings.kafka.topics.model_updates.name, AvroCodec("model_update").decode
-    )
-    if len(updates) < 2:
-        return 0.0
-    first, last = updates[0], updates[-1]
-    seconds = (last["published_at"] - first["published_at"]) / 1000
-    return (last["examples_trained"] - first["examples_trained"]) / max(seconds, 1e-9)
-
-
 def trainer_floor(settings: Settings, events: int = 8_192) -> float:
     """Examples/s of the served model trained in process, mini-batch by mini-batch, on
     simulated events: the trainer's step without Kafka, decoding or checkpoints."""
@@ -249,13 +237,7 @@ def measure(
 
     s = rate_settings(settings, rate, click_boost)
     watched: Report = {}
-    captured: Report = {}
-
-    def report(run: Settings, endpoints: Endpoints) -> Report:
-        captured["trainer_examples_per_s"] = trainer_rate(run, endpoints.kafka or "")
-        return reporter(30.0)(run, endpoints)
-
-    summary = run_loop(s, duration_s, progress, report=report, watch=watcher(watched))
+    summary = run_loop(s, duration_s, progress, report=reporter(30.0), watch=watcher(watched))
     loop = summary.pop("loop")
     summary.pop("watch", None)
     clicks = sum(w[f]["clicks"] for w in loop.get("windows", []) for f in w if f != "start_s")
@@ -276,9 +258,9 @@ def measure(
         "latest": loop.get("latest"),
         "components": components,
         "trainer": {
-            "examples_per_s": round(captured.get("trainer_examples_per_s", 0.0), 1),
+            "examples_per_s": loop.get("trainer_examples_per_s", 0.0),
             "floor_examples_per_s": round(floor, 1),
-            "ratio_to_floor": round(captured.get("trainer_examples_per_s", 0.0) / floor, 3),
+            "ratio_to_floor": round(loop.get("trainer_examples_per_s", 0.0) / floor, 3),
         },
         "traffic": summary,
         "freshness_report": loop,
@@ -360,10 +342,7 @@ def rate_lines(result: Report) -> list[str]:
 
 
 def plot(results: list[Report], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not results:
         return []
@@ -397,9 +376,7 @@ def plot(results: list[Report], out: Path) -> list[Path]:
         ax.set_xlabel("requests/s")
         ax.legend()
     fig.tight_layout()
-    written = [out / "loop.png"]
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written = [save(fig, out / "loop.png")]
 
     fig, axes = plt.subplots(1, len(INPUTS), figsize=(15, 4))
     for ax, name in zip(axes, INPUTS, strict=True):
@@ -411,7 +388,5 @@ def plot(results: list[Report], out: Path) -> list[Path]:
         ax.set_ylabel("records")
         ax.legend()
     fig.tight_layout()
-    written.append(out / "lag.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(save(fig, out / "lag.png"))
     return written

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from camoe.bench.figures import pyplot, save
 from camoe.features import CONTENT_TYPES, FORMATS, FeatureLayout
 from camoe.settings import Settings
 from camoe.sim.traffic import World
@@ -262,10 +263,7 @@ def table(summary: dict[str, Any]) -> str:
 
 
 def plot_pareto(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pairs = [("audio", "video"), ("audio", "display"), ("video", "display")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
@@ -294,17 +292,13 @@ def plot_pareto(summary: dict[str, Any], path: Path) -> None:
         f"AUC-PR per format, mean ± std over {summary['seeds']} seeds (up and right is better)"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_calibration(
     curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path, bins: int = 10
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(FORMATS), figsize=(15, 4.8))
     for k, (ax, f) in enumerate(zip(axes, FORMATS, strict=True)):
@@ -324,5 +318,4 @@ def plot_calibration(
         ax.set_ylabel("observed CTR")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
+from camoe.bench.figures import pyplot, save
 from camoe.clients.kafka import committed_offsets, consumer_config, create_topics, producer_config
 from camoe.features import FeatureLayout
 from camoe.settings import Settings, TopicSpec
@@ -671,10 +672,7 @@ def plot_latency(
     """The pipeline's latency histogram over the raw relay's, and beside it each 10 s
     window's p99, the pipeline's then the relay's, with the share of time the hypervisor
     stole in it (the tail on this machine follows it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax, by_window) = plt.subplots(
         1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]}
@@ -716,5 +714,4 @@ def plot_latency(
     stolen.set_ylim(bottom=0)
     by_window.set_title(f"p99 and time stolen, per {WINDOW_S} s")
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path, bbox_inches="tight")

@@ -1,5 +1,7 @@
-"""The labeler under SIGKILL: each restart restores its state from the changelog, and the
-committed labelled events hold every impression's label exactly once."""
+"""The labeler under SIGKILL, in both modes: each restart restores its state from the
+changelog, and the committed labelled events hold every label exactly once (window mode:
+one label per impression, a late positive more; fake-negative mode: one negative per
+impression and one positive per clicked impression)."""
 
 from __future__ import annotations
 
@@ -38,9 +40,9 @@ WINDOW_S = 2.0
 KILLS = 5
 
 
-@pytest.fixture(scope="module")
-def world(services, tmp_path_factory):
-    """Settings with this module's own topics, consumer group and feature repository."""
+@pytest.fixture(scope="module", params=["window", "fake-negative"])
+def world(services, tmp_path_factory, request):
+    """Settings with their own topics, consumer group and feature repository, per mode."""
     settings, endpoints = services
     root = tmp_path_factory.mktemp("labeler")
     feature_repo, _ = copy_repos(root)
@@ -55,7 +57,11 @@ def world(services, tmp_path_factory):
                 update={"repo_path": feature_repo, "online_store": "sqlite"}
             ),
             "labeler": settings.labeler.model_copy(
-                update={"group_id": f"labeler-{suffix}", "attribution_window_s": WINDOW_S}
+                update={
+                    "group_id": f"labeler-{suffix}",
+                    "attribution_window_s": WINDOW_S,
+                    "feedback": request.param,
+                }
             ),
             "stack": settings.stack.model_copy(update={"state_dir": root / "stack"}),
         }
@@ -273,12 +279,16 @@ def test_sigkilled_labeler_loses_and_repeats_no_label(world, tmp_path):
     )
     repeated = {key: n for key, n in by_request.items() if n > 1}
     assert not repeated, f"{len(repeated)} labels emitted twice, e.g. {list(repeated)[:3]}"
-    non_late = Counter(v["impression"]["request_id"] for v in labels if not v["late_positive"])
-    assert non_late.keys() == impressions.keys(), (
-        f"{len(impressions.keys() - non_late.keys())} impressions never labelled, "
-        f"{len(non_late.keys() - impressions.keys())} labels for unknown requests"
+    fake_negative = s.labeler.feedback == "fake-negative"
+    assert {v["fake_negative"] for v in labels} == {fake_negative}
+    # Window mode: one label per impression; fake-negative mode: one negative each.
+    first = [v for v in labels if (v["label"] == 0 if fake_negative else not v["late_positive"])]
+    once = Counter(v["impression"]["request_id"] for v in first)
+    assert once.keys() == impressions.keys(), (
+        f"{len(impressions.keys() - once.keys())} impressions never labelled, "
+        f"{len(once.keys() - impressions.keys())} labels for unknown requests"
     )
-    assert set(non_late.values()) == {1}
+    assert set(once.values()) == {1}
     positives = {v["impression"]["request_id"] for v in labels if v["label"] == 1}
     assert positives == clicked, (len(positives), len(clicked))
     assert sum(v["label"] for v in labels) == len(clicked)  # duplicated clicks count once
@@ -312,12 +322,14 @@ def test_sigkilled_labeler_loses_and_repeats_no_label(world, tmp_path):
         assert shown == len(rows), user
         assert clicks == sum(r["request_id"] in clicked for r in rows), user
     print(
-        f"\n{KILLS} kills, {len(impressions)} impressions, {traffic.clicks_sent} clicks "
+        f"\n{s.labeler.feedback} mode: {KILLS} kills, {len(impressions)} impressions, "
+        f"{traffic.clicks_sent} clicks "
         f"({len(clicked)} clicked impressions, {late} late positives, {len(unknown)} unknown), "
         f"{len(labels)} labels, {seconds:.0f}s"
     )
 
 
+@pytest.mark.parametrize("world", ["window"], indirect=True)
 def test_restore_reads_committed_state_only(world):
     """read_changelog keeps each key's latest committed value, drops tombstoned keys and
     ignores an aborted transaction's records."""

@@ -77,6 +77,7 @@ SAMPLES = {
         "late_positive": False,
         "labelled_at": T0 + 2_400,
         "weight": 10.0,
+        "fake_negative": True,
     },
     "model_update": {
         "model_name": "camoe",

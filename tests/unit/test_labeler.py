@@ -69,7 +69,14 @@ class Changelog:
 
 
 class Harness:
-    def __init__(self, push_counters=None, changelog=None, clock=None, negative_sampling_rate=1.0):
+    def __init__(
+        self,
+        push_counters=None,
+        changelog=None,
+        clock=None,
+        negative_sampling_rate=1.0,
+        fake_negative=False,
+    ):
         self.clock = clock or FakeClock()
         self.offsets = Offsets()
         self.changelog = changelog or Changelog()
@@ -82,6 +89,7 @@ class Harness:
             push_counters=push_counters,
             clock_ms=self.clock,
             negative_sampling_rate=negative_sampling_rate,
+            fake_negative=fake_negative,
         )
 
     def impression(self, request_id, t, ad_id="ad-1", user_id="user-1", partition=0):
@@ -223,6 +231,47 @@ def test_a_late_click_after_a_sampled_out_negative_is_still_a_late_positive():
     out = only_output(h(h.click(dropped, T0 + 12_000), now=T0 + 12_500))
     assert out.value["label"] == 1 and out.value["late_positive"] is True
     assert out.value["weight"] == 1.0
+
+
+# --- fake-negative mode ------------------------------------------------------------------
+
+
+def test_fake_negative_mode_emits_each_impression_at_once_and_each_click_once_more():
+    h = Harness(fake_negative=True)
+    negative = only_output(h(h.impression("r1", T0), now=T0))
+    assert negative.value["label"] == 0 and negative.value["fake_negative"] is True
+    assert negative.value["click_delay_ms"] is None
+    h(h.impression("r2", T0 + 5), now=T0 + 5)
+    positive = only_output(h(h.click("r1", T0 + 2_000), now=T0 + 2_100))
+    assert (positive.key, positive.value["label"], positive.value["late_positive"]) == (
+        "r1",
+        1,
+        False,
+    )
+    assert positive.value["click_delay_ms"] == 2_000 and positive.value["fake_negative"] is True
+    # A duplicate click is nothing more; the windows closing emit nothing (negatives went).
+    assert labels(h(h.click("r1", T0 + 2_500), now=T0 + 2_600)) == []
+    assert labels(h(now=T0 + 3 * WINDOW_MS)) == []
+    # A click after r2's window is one more positive, flagged late.
+    late = only_output(h(h.click("r2", T0 + 3 * WINDOW_MS), now=T0 + 3 * WINDOW_MS))
+    assert (late.key, late.value["label"], late.value["late_positive"]) == ("r2", 1, True)
+    assert dict(h.labeler.counts) == {
+        "negatives": 2,
+        "positives": 1,
+        "late_positives": 1,
+        "duplicate_clicks": 1,
+    }
+    assert h.labeler.user_counters["user-1"] == [2, 2]
+
+
+def test_fake_negative_mode_samples_its_negatives_and_keeps_every_click():
+    h = Harness(fake_negative=True, negative_sampling_rate=0.25)
+    n = 400
+    out = labels(h(*[h.impression(f"r{i}", T0 + i) for i in range(n)], now=T0 + n))
+    kept = {f"r{i}" for i in range(n) if keeps_negative(f"r{i}", 0.25)}
+    assert {o.key for o in out} == kept and {o.value["weight"] for o in out} == {4.0}
+    clicks = labels(h(*[h.click(f"r{i}", T0 + i + 500) for i in range(0, n, 10)], now=T0 + 600))
+    assert len(clicks) == n // 10 and {o.value["weight"] for o in clicks} == {1.0}
 
 
 def test_the_sampling_decision_is_a_function_of_the_request_id():
@@ -408,16 +457,17 @@ def decisions(results):
     )
 
 
+@pytest.mark.parametrize("fake_negative", [False, True], ids=["window", "fake-negative"])
 @pytest.mark.parametrize("crash_after", [1, 3, 5, 8, 10])
-def test_state_restored_from_the_changelog_gives_identical_decisions(crash_after):
-    whole = Harness()
+def test_state_restored_from_the_changelog_gives_identical_decisions(crash_after, fake_negative):
+    whole = Harness(fake_negative=fake_negative)
     expected = decisions([scenario(whole, n) for n in range(12)])
     assert len(expected[0]) >= 6 and len(expected[1]) == 2  # the scenario is not trivial
 
-    first = Harness()
+    first = Harness(fake_negative=fake_negative)
     before = [scenario(first, n) for n in range(crash_after)]
     # A fresh labeler takes over both partitions, restored from the compacted changelog.
-    again = Harness(changelog=first.changelog, clock=first.clock)
+    again = Harness(changelog=first.changelog, clock=first.clock, fake_negative=fake_negative)
     again.offsets = first.offsets
     assignment = [TopicPartition(t, p) for t in (FEATURE_LOG, CLICKS) for p in (0, 1)]
     assert again.labeler.on_assign(assignment) == assignment

@@ -12,7 +12,15 @@ import torch
 from camoe.features import FORMATS, FeatureLayout
 from camoe.settings import Settings
 from camoe.sim.traffic import World
-from trainer.model import CAMoE, build_camoe, masked_bce, select_task, validate_batch
+from trainer.model import (
+    CAMoE,
+    build_camoe,
+    fake_negative_weights,
+    masked_bce,
+    observed_pctr,
+    select_task,
+    validate_batch,
+)
 from trainer.train import fit
 
 SETTINGS = Settings()
@@ -133,6 +141,38 @@ def test_importance_weights_undo_negative_sampling():
             loss.backward()
             optimiser.step()
         assert float(torch.sigmoid(bias.detach())) == pytest.approx(rate, rel=0.05)
+
+
+def test_fake_negative_weighting_learns_the_true_click_rate():
+    # Every impression once as a negative, every click (rate 0.05) once more as a positive:
+    # a constant model with fake-negative weights learns 0.05; unweighted, 0.05 / 1.05.
+    rng = np.random.default_rng(4)
+    clicks = int((rng.random(100_000) < 0.05).sum())
+    labels = torch.cat([torch.zeros(100_000), torch.ones(clicks)])
+    fmt = torch.zeros(len(labels), dtype=torch.int64)
+    fake = torch.ones(len(labels), dtype=torch.bool)
+    rate = clicks / 100_000
+    for weighted, expected in ((True, rate), (False, rate / (1 + rate))):
+        bias = torch.zeros(1, 1, requires_grad=True)
+        optimiser = torch.optim.Adam([bias], lr=0.05)
+        for _ in range(400):
+            logits = bias.expand(len(labels), 1)
+            weights = fake_negative_weights(logits, labels, fmt, fake) if weighted else None
+            loss = masked_bce(logits, labels, fmt, sample_weights=weights)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        assert float(torch.sigmoid(bias.detach())) == pytest.approx(expected, rel=0.02)
+
+
+def test_fake_negative_weights_leave_other_rows_at_one():
+    logits = torch.tensor([[0.0], [0.0], [0.0]])
+    labels = torch.tensor([1.0, 0.0, 1.0])
+    fake = torch.tensor([True, True, False])
+    weights = fake_negative_weights(logits, labels, torch.zeros(3, dtype=torch.int64), fake)
+    assert weights.tolist() == pytest.approx([1.5, 0.75, 1.0])
+    p = torch.tensor([0.25, 0.25])
+    assert observed_pctr(p, torch.tensor([True, False])).tolist() == pytest.approx([0.2, 0.25])
 
 
 def test_masked_bce_is_not_the_pooled_mean():

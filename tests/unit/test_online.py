@@ -72,12 +72,11 @@ def test_gate_rejects_non_finite_and_worse_candidates(world_and_model):
     settings, history, state = world_and_model
     serving = build_served_camoe(settings)
     serving.load_state_dict(state)
-    held = Examples(
+    held = Examples.unweighted(
         history["categorical"][2000:],
         history["numeric"][2000:],
         history["format"][2000:],
         history["label"][2000:],
-        np.ones(len(history["label"]) - 2000, np.float32),
     )
     assert quality_gate(serving, serving, held, 0.0).passed
 
@@ -290,3 +289,33 @@ def test_turns_take_at_most_their_share_of_the_trainers_time(
     clock[0] += 0.2
     trainer(records(labelled_events(history, 1900, 200), 400))
     assert len(turns) == 2
+
+
+def test_fake_negative_events_train_at_once_with_their_weights(world_and_model, tmp_path):
+    """In the labeler's fake-negative mode each impression comes as a negative when it is
+    served and each click as one more positive: nothing waits for a window, the steps
+    apply fake-negative weighting, and the gate's rows keep their flag."""
+    settings, history, state = world_and_model
+    now = int(time.time() * 1000)
+    stream = []
+    for k, value in enumerate(labelled_events(history, 1500, 640)):
+        value["impression"]["event_time"] = now - 1_000 + k  # recent: the window is open
+        stream.append({**value, "label": 0, "click_delay_ms": None, "fake_negative": True})
+        if value["label"]:
+            stream.append({**value, "fake_negative": True})
+    assert len(stream) > 650  # the history has clicks
+    torch.manual_seed(0)
+    weighted = trainer_for(settings, state, tmp_path / "weighted", None)
+    weighted(records(stream, 0))
+    assert weighted.waiting == [] and weighted.events == len(stream)
+    assert weighted.examples + len(weighted.ready) + weighted.held_out.count == len(stream)
+    assert weighted.held_out.arrays()[5].all()
+    torch.manual_seed(0)
+    plain = trainer_for(settings, state, tmp_path / "plain", None)
+    plain(records([{**v, "fake_negative": False} for v in stream], 0))
+    differs = [
+        name
+        for name, tensor in plain.model.state_dict().items()
+        if tensor.is_floating_point() and not torch.equal(weighted.model.state_dict()[name], tensor)
+    ]
+    assert differs  # the fake-negative weights changed the steps
