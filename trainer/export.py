@@ -24,6 +24,8 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,9 @@ class Publisher:
         model_name: folder and ``name:`` of the model.
         client: Triton client; None writes versions without loading them.
         keep: versions kept on disk (the policy keeps two loaded: new and rollback).
+
+    ``steps`` holds the seconds each step of the last publish took: ``write`` (export and
+    the onnxruntime check), ``trial``, ``rename``, ``load`` (load and check in Triton).
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class Publisher:
         self.staging = Path(model_repo) / ".staging"
         self.client = client
         self.keep = keep
+        self.steps: dict[str, float] = {}
         # Left by a publisher that died before its rename; one publisher per model repository.
         shutil.rmtree(self.staging, ignore_errors=True)
 
@@ -127,28 +133,48 @@ class Publisher:
 
         ``check`` is a (categorical, numeric, format) batch for warm-up and parity.
         """
+        self.steps = {}
+        started = time.perf_counter()
         version = self.next_version()
         expected = serving_scores(model, check)
         self.staging.mkdir(parents=True, exist_ok=True)
         folder = self.staging / f"{version}-{uuid.uuid4().hex[:8]}"
         try:
-            folder.mkdir()
-            self._write(model, folder, check, expected)
+            with self._step("write"):
+                folder.mkdir()
+                self._write(model, folder, check, expected)
             if self.client is not None:
-                self._trial(self.client, folder, check, expected)
+                with self._step("trial"):
+                    self._trial(self.client, folder, check, expected)
         except Exception as error:
             shutil.rmtree(folder, ignore_errors=True)
             raise PublishError(f"version {version} rejected before publishing: {error}") from error
         target = self.model_dir / str(version)
-        self._commit(folder, target)
+        with self._step("rename"):
+            self._commit(folder, target)
         if self.client is not None:
             try:
-                self._load_and_check(self.client, version, check, expected)
+                with self._step("load"):
+                    self._load_and_check(self.client, version, check, expected)
             except Exception as error:
                 self._roll_back(self.client, target, error)
                 raise PublishError(f"version {version} rejected: {error}") from error
         self._prune()
+        log.info(
+            "version %d serving, published in %.2fs (%s)",
+            version,
+            time.perf_counter() - started,
+            ", ".join(f"{step} {seconds:.2f}s" for step, seconds in self.steps.items()),
+        )
         return version
+
+    @contextmanager
+    def _step(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.steps[name] = time.perf_counter() - started
 
     @staticmethod
     def _write(model: nn.Module, folder: Path, check: Batch, expected: np.ndarray) -> None:
@@ -200,14 +226,12 @@ class Publisher:
     def _load_and_check(
         client: TritonClient, version: int, check: Batch, expected: np.ndarray
     ) -> None:
-        started = time.monotonic()
         with _LOAD_LOCK:
             client.load()
         if version not in client.ready_versions():
             raise PublishError(f"Triton did not make version {version} ready")
         served, _ = client.infer(*check, version=version)  # also warms the new instance up
         _check_parity("triton", served, expected)
-        log.info("version %d serving (load + check %.2fs)", version, time.monotonic() - started)
 
     @staticmethod
     def _roll_back(client: TritonClient, target: Path, error: Exception) -> None:

@@ -490,6 +490,7 @@ class IncrementalTrainer:
                 **self.prequential(),
                 "gate_candidate_logloss": gate.candidate_logloss,
                 "gate_serving_logloss": gate.serving_logloss,
+                **{f"publish_{step}_s": s for step, s in self.publisher.steps.items()},
             },
             "learned_click_times": self.learned_clicks,
         }

@@ -33,6 +33,7 @@ The true probability is available for analysis (``true_ctr``), never used for tr
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 import time
@@ -67,22 +68,26 @@ PLACEMENTS_BY_FORMAT = {
 
 # How far each format's taste turns away from audio's, in units of format_taste_turn.
 TASTE_TURN = {"audio": 0.0, "video": 1.0, "display": 0.5}
-CONTENT_CDF = np.cumsum([0.6, 0.3, 0.1])  # music, podcast, audiobook
-DEVICE_CDF = np.cumsum([0.6, 0.2, 0.1, 0.1])  # mobile, desktop, tv, speaker
+CONTENT_CDF = np.cumsum([0.6, 0.3, 0.1]).tolist()  # music, podcast, audiobook
+DEVICE_CDF = np.cumsum([0.6, 0.2, 0.1, 0.1]).tolist()  # mobile, desktop, tv, speaker
 
 
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def _pick(cdf: np.ndarray, u: float) -> int:
-    """Index drawn from a cumulative distribution by one uniform."""
-    return min(int(np.searchsorted(cdf, u, side="right")), len(cdf) - 1)
+def _pick(cdf: list[float], u: float) -> int:
+    """Index drawn from a cumulative distribution by one uniform (``bisect`` on a list:
+    the result of ``np.searchsorted(side="right")``, at a tenth of its cost per call)."""
+    return min(bisect.bisect_right(cdf, u), len(cdf) - 1)
+
+
+_STANDARD_NORMAL = statistics.NormalDist()
 
 
 def _normal(u: float) -> float:
     """Standard normal quantile of a uniform (inverse CDF)."""
-    return statistics.NormalDist().inv_cdf(min(max(u, 1e-12), 1 - 1e-12))
+    return _STANDARD_NORMAL.inv_cdf(min(max(u, 1e-12), 1 - 1e-12))
 
 
 @dataclass
@@ -142,8 +147,8 @@ class World:
         self._ad_row = {a: i for i, a in enumerate(self.ad_ids)}
         self._user_dicts = self.users.set_index("user_id").to_dict("index")
         # Plain arrays for the per-request hot path (pandas indexing costs ~100 us).
-        self._user_cdf = np.cumsum(self.user_popularity)
-        self._format_cdf = np.cumsum(shares / shares.sum())
+        self._user_cdf = np.cumsum(self.user_popularity).tolist()
+        self._format_cdf = np.cumsum(shares / shares.sum()).tolist()
         self._campaign = self.ads.campaign_index.to_numpy()
         self._quality = self.ads.quality.to_numpy()
         self._age = self.users.age_bucket.to_numpy()
@@ -156,7 +161,7 @@ class World:
         s = self.settings
         # One draw of uniforms per request, mapped through cumulative shares: this is the
         # hot loop of history generation, and rng.choice(p=...) costs ~20 us a call.
-        draws = rng.random(4 + 3 * s.candidates_per_request)
+        draws = rng.random(4 + 3 * s.candidates_per_request).tolist()
         user = self.user_ids[_pick(self._user_cdf, draws[0])]
         formats = [_pick(self._format_cdf, d) for d in draws[4 : 4 + s.candidates_per_request]]
         slot_format = FORMATS[formats[0]]

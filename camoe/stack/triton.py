@@ -60,6 +60,9 @@ def start_server(
         "--metrics-address=127.0.0.1",
         f"--metrics-port={metrics}",
         "--exit-on-error=false",  # a model that fails to load must not take the server down
+        # The config is complete; asking the Python backend to complete it starts one more
+        # stub per load, 1.3 of a load's 1.6 s here.
+        "--disable-auto-complete-config",
         "--log-verbose=0",
         *[f"--load-model={name}" for name in load],
     ]
