@@ -50,6 +50,7 @@ before the commit is corrected by the write of the replayed batch.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 import zlib
@@ -114,6 +115,40 @@ class PartitionState:
     pending: dict[str, Pending] = field(default_factory=dict)
     orphans: dict[str, Record] = field(default_factory=dict)  # clicks before impressions
     decided: dict[str, Decided] = field(default_factory=dict)
+    # (time, request id) heaps of when pending windows close and decided ones are
+    # forgotten, so a batch visits only what is due (an entry whose key has gone or has
+    # another time since is skipped).
+    closing: list[tuple[int, str]] = field(default_factory=list)
+    forgetting: list[tuple[int, str]] = field(default_factory=list)
+
+    def wait(self, request_id: str, pending: Pending) -> None:
+        self.pending[request_id] = pending
+        heapq.heappush(self.closing, (pending.closes_at_ms, request_id))
+
+    def decide(self, request_id: str, decided: Decided) -> None:
+        self.decided[request_id] = decided
+        heapq.heappush(self.forgetting, (decided.forget_at_ms, request_id))
+
+    def due(self, now_ms: int) -> list[str]:
+        """The pending request ids whose windows have closed by ``now_ms``, oldest first."""
+        due = []
+        while self.closing and self.closing[0][0] <= now_ms:
+            at, request_id = heapq.heappop(self.closing)
+            pending = self.pending.get(request_id)
+            if pending is not None and pending.closes_at_ms == at:
+                due.append(request_id)
+        return due
+
+    def forgettable(self, now_ms: int) -> list[str]:
+        """The decided request ids to forget by ``now_ms``."""
+        due: dict[str, None] = {}  # a key decided twice (a late positive) is pushed twice
+        while self.forgetting and self.forgetting[0][0] <= now_ms:
+            at, request_id = heapq.heappop(self.forgetting)
+            decided = self.decided.get(request_id)
+            if decided is not None and decided.forget_at_ms == at:
+                due[request_id] = None
+        return list(due)
+
     counters: dict[str, list[int]] = field(default_factory=dict)  # [impressions, clicks]
     impressions: Progress = field(default_factory=Progress)
     clicks: Progress = field(default_factory=Progress)
@@ -203,9 +238,9 @@ class Labeler:
                     o["topic"], partition, o["offset"], o["key"], o["click"], o["raw"]
                 )
             elif entry["label"] is None:
-                state.pending[key] = self._pending(entry["impression"])
+                state.wait(key, self._pending(entry["impression"]))
             else:
-                state.decided[key] = self._decided(entry["label"], entry["impression"])
+                state.decide(key, self._decided(entry["label"], entry["impression"]))
         self.partitions[partition] = state
         log.info(
             "partition %d restored: %d pending, %d orphan clicks, %d labelled, %d counters",
@@ -249,7 +284,7 @@ class Labeler:
             self.counts["duplicate_impressions"] += 1  # re-scored after a scorer crash
             return
         self._count(n, state, row["user_id"], row["ad_id"], impressions=1, clicks=0)
-        state.pending[request_id] = self._pending(row)
+        state.wait(request_id, self._pending(row))
         self._changed_key(n, request_id)
         if self.fake_negative:
             self._output(row, None, False, result)
@@ -291,14 +326,14 @@ class Labeler:
     def _close_windows(
         self, n: int, state: PartitionState, now_ms: int, result: BatchResult
     ) -> None:
-        for request_id in [k for k, p in state.pending.items() if p.closes_at_ms <= now_ms]:
+        for request_id in state.due(now_ms):
             self._close(n, state, request_id, result)
 
     def _close(self, n: int, state: PartitionState, request_id: str, result: BatchResult) -> None:
         """Its window closed without a click: labelled 0 (already emitted when fake-negative)."""
         impression = state.pending.pop(request_id).impression
         if self.fake_negative:
-            state.decided[request_id] = self._decided(0, impression)
+            state.decide(request_id, self._decided(0, impression))
             self._changed_key(n, request_id)
         else:
             self._emit(n, state, impression, None, False, result)
@@ -321,7 +356,7 @@ class Labeler:
             )
 
     def _forget(self, n: int, state: PartitionState, now_ms: int) -> None:
-        for request_id in [k for k, d in state.decided.items() if d.forget_at_ms <= now_ms]:
+        for request_id in state.forgettable(now_ms):
             del state.decided[request_id]
             self._changed_key(n, request_id)
 
@@ -379,7 +414,7 @@ class Labeler:
         """Decides ``impression``'s label (1 with a click) and emits it."""
         if click is not None:
             self._count(n, state, impression["user_id"], impression["ad_id"], 0, 1)
-        state.decided[impression["request_id"]] = self._decided(int(click is not None), impression)
+        state.decide(impression["request_id"], self._decided(int(click is not None), impression))
         self._changed_key(n, impression["request_id"])
         self._output(impression, click, late, result)
 

@@ -106,6 +106,12 @@ class Examples:
         return len(self.label)
 
 
+def held_out(request_id: str, every: int) -> bool:
+    """Whether the events of ``request_id`` are kept out of training for the quality gate:
+    one request in ``every``, by a hash of its id (a replay decides the same)."""
+    return zlib.crc32(request_id.encode()) % every == 0
+
+
 def adam(model: nn.Module, learning_rate: float) -> torch.optim.Adam:
     """Adam with its fused kernel: one pass over all parameters per step instead of one
     per tensor, the larger part of a small model's step on a CPU."""
@@ -348,10 +354,8 @@ class IncrementalTrainer:
             self.waiting.append(record.value)
         held = []
         for event in self._release():
-            held_out = (
-                zlib.crc32(event["impression"]["request_id"].encode()) % self.t.holdout_every == 0
-            )
-            (held if held_out else self.ready).append(event)
+            gate = held_out(event["impression"]["request_id"], self.t.holdout_every)
+            (held if gate else self.ready).append(event)
         if held:
             h = Examples.from_events(held)
             self.held_out.add(h.categorical, h.numeric, h.fmt, h.label, h.weight, h.fake_negative)

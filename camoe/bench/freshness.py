@@ -70,10 +70,12 @@ def read_record(bootstrap: str, settings: Settings) -> LoopRecord:
     )
 
 
-def analyse(record: LoopRecord, frozen: Any, window_s: float) -> Report:
+def analyse(record: LoopRecord, frozen: Any, window_s: float, holdout_every: int) -> Report:
     """Freshness percentiles, and AUC-PR per format per time window for the served
-    (online) scores and the frozen model's, plus both over the run's second half."""
-    from trainer.online import Examples, predict
+    (online) scores and the frozen model's, plus both over the run's second half.
+    ``clicks_trainable`` counts the labelled clicks the trainer may learn: all but those
+    it holds out for its quality gate (``trainer.holdout_every``)."""
+    from trainer.online import Examples, held_out, predict
 
     freshness = np.asarray(
         [
@@ -86,6 +88,10 @@ def analyse(record: LoopRecord, frozen: Any, window_s: float) -> Report:
         "versions": len(record.updates),
         "impressions": len(record.impressions),
         "clicks_learned": len(freshness),
+        "clicks_trainable": sum(
+            e["label"] == 1 and not held_out(e["impression"]["request_id"], holdout_every)
+            for e in record.impressions
+        ),
     }
     if len(record.updates) >= 2:  # the trainer's rate between its first and last version
         first, last = record.updates[0], record.updates[-1]
@@ -280,7 +286,7 @@ def reporter(
 
         frozen = load_model(settings, settings.trainer.checkpoint_dir / "model.pt")
         record = read_record(endpoints.kafka or "", settings)
-        result = analyse(record, frozen, window_s)
+        result = analyse(record, frozen, window_s, settings.trainer.holdout_every)
         if record.impressions:
             times = [e["impression"]["event_time"] for e in record.impressions]
             hours = (max(times) - min(times)) / 3_600_000  # the drift's clock at the end
