@@ -149,12 +149,15 @@ def run_labeler(settings: Settings, stop: Event) -> None:
 
 def run_trainer(settings: Settings, stop: Event) -> None:
     # torch only here: the scorer and the labeler start faster without it.
+    import torch
+
     from trainer.export import Publisher
     from trainer.online import Checkpoint, IncrementalTrainer
     from trainer.train import load_model
 
     endpoints = endpoints_for(settings, "kafka", "triton")
     t = settings.trainer
+    torch.set_num_threads(t.torch_threads)
     resume = Checkpoint.load(t.checkpoint_dir / "trainer.pt")
     model = load_model(settings, t.checkpoint_dir / "model.pt")
     if model is None:

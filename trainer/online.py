@@ -1,8 +1,10 @@
 """The incremental trainer: learns from labelled-events as they come and rolls out versions.
 
-Events are trained in impression order once their attribution window has closed (see
-``IncrementalTrainer._release``: otherwise fresh clicks, which arrive before the
-negatives of their time, bias the model upwards), in whole mini-batches of
+Events are trained in impression order once a negative as recent as their impression
+has arrived (see ``IncrementalTrainer._release``: in the labeler's window mode fresh
+clicks arrive before the negatives of their time and would bias the model upwards; in
+its fake-negative mode the negatives come with the impressions, so nothing waits), in
+whole mini-batches of
 ``online_batch_size`` however the stream splits them into polls (a poll at 50 events/s
 holds a handful: a step per poll made the steps noisy enough that the gate held every
 candidate back for minutes). Test-then-train: every event is first scored by the current

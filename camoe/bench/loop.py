@@ -59,7 +59,8 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """CPU seconds (user + system) of each process and all its descendants so far."""
+    """CPU seconds (user + system) of each process and all its descendants so far, those
+    that have ended included (Triton's stub of an unloaded version, say)."""
     parent: dict[int, int] = {}
     used: dict[int, float] = {}
     for entry in Path("/proc").iterdir():
@@ -71,7 +72,8 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
         except OSError:  # it ended meanwhile
             continue
         parent[int(entry.name)] = int(fields[1])
-        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / TICKS
+        # utime, stime, and the cutime and cstime of its children that have ended.
+        used[int(entry.name)] = sum(int(f) for f in fields[11:15]) / TICKS
     children: dict[int, list[int]] = {}
     for pid, ppid in parent.items():
         children.setdefault(ppid, []).append(pid)
@@ -188,7 +190,9 @@ def components_report(samples: list[Report], traffic_s: float) -> Report:
 
 def trainer_floor(settings: Settings, events: int = 8_192) -> float:
     """Examples/s of the served model trained in process, mini-batch by mini-batch, on
-    simulated events: the trainer's step without Kafka, decoding or checkpoints."""
+    simulated events with the trainer's torch threads: the trainer's step without Kafka,
+    decoding or checkpoints."""
+    import torch
 
     from camoe.sim.traffic import World
     from trainer.model import build_served_camoe, masked_bce
@@ -202,6 +206,8 @@ def trainer_floor(settings: Settings, events: int = 8_192) -> float:
         history["categorical"], history["numeric"], history["format"], history["label"]
     )
     size = settings.trainer.online_batch_size
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.trainer.torch_threads)
     started = time.perf_counter()
     for start in range(0, events, size):
         rows = slice(start, start + size)
@@ -209,7 +215,9 @@ def trainer_floor(settings: Settings, events: int = 8_192) -> float:
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    return events / (time.perf_counter() - started)
+    rate = events / (time.perf_counter() - started)
+    torch.set_num_threads(threads)
+    return rate
 
 
 def rate_settings(settings: Settings, rate: float, click_boost: float) -> Settings:
