@@ -131,27 +131,36 @@ class PartitionState:
 
     def due(self, now_ms: int) -> list[str]:
         """The pending request ids whose windows have closed by ``now_ms``, oldest first."""
-        due = []
-        while self.closing and self.closing[0][0] <= now_ms:
-            at, request_id = heapq.heappop(self.closing)
-            pending = self.pending.get(request_id)
-            if pending is not None and pending.closes_at_ms == at:
-                due.append(request_id)
-        return due
+        return _pop_due(
+            self.closing, now_ms, lambda k: p.closes_at_ms if (p := self.pending.get(k)) else None
+        )
 
     def forgettable(self, now_ms: int) -> list[str]:
         """The decided request ids to forget by ``now_ms``."""
-        due: dict[str, None] = {}  # a key decided twice (a late positive) is pushed twice
-        while self.forgetting and self.forgetting[0][0] <= now_ms:
-            at, request_id = heapq.heappop(self.forgetting)
-            decided = self.decided.get(request_id)
-            if decided is not None and decided.forget_at_ms == at:
-                due[request_id] = None
-        return list(due)
+        return _pop_due(
+            self.forgetting,
+            now_ms,
+            lambda k: d.forget_at_ms if (d := self.decided.get(k)) else None,
+        )
 
     counters: dict[str, list[int]] = field(default_factory=dict)  # [impressions, clicks]
     impressions: Progress = field(default_factory=Progress)
     clicks: Progress = field(default_factory=Progress)
+
+
+def _pop_due(
+    heap: list[tuple[int, str]], now_ms: int, current: Callable[[str], int | None]
+) -> list[str]:
+    """Pops the entries of ``heap`` due by ``now_ms``; returns, oldest first and once each,
+    the keys whose ``current`` time is still the entry's (a key gone, or pushed again with
+    another time, is skipped; one pushed twice with the same time, as a late positive's
+    decision is, counts once)."""
+    due: dict[str, None] = {}
+    while heap and heap[0][0] <= now_ms:
+        at, key = heapq.heappop(heap)
+        if current(key) == at:
+            due[key] = None
+    return list(due)
 
 
 def _wrong_ad(click: dict[str, Any]) -> str:
