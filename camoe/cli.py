@@ -6,7 +6,8 @@ camoe score | label | train    run one component until stopped (SIGTERM / Ctrl-C
 camoe score --workers N        N scoring processes in one consumer group
 camoe demo [--duration S]      the whole loop for a bounded time, with a summary
 camoe top --port P             live view of a scorer's metrics
-camoe bench NAME --out DIR     quality | scoring | freshness | loop: print and save figures
+camoe bench NAME --out DIR     quality | scoring | freshness | loop | sampling: print and save
+                               figures
 """
 
 from __future__ import annotations
@@ -58,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     top.add_argument("--every", type=float, default=2.0, help="seconds between refreshes")
     bench = commands.add_parser("bench", help="benchmarks that print and save figures")
-    bench.add_argument("name", choices=["quality", "scoring", "freshness", "loop"])
+    bench.add_argument("name", choices=["quality", "scoring", "freshness", "loop", "sampling"])
     bench.add_argument("--out", type=Path, required=True, help="folder for results and plots")
-    bench.add_argument("--seeds", type=int, default=None, help="quality: default bench.seeds")
+    bench.add_argument(
+        "--seeds", type=int, default=None, help="quality, sampling: default bench.seeds"
+    )
     bench.add_argument(
         "--requests", type=int, default=20_000, help="scoring: requests drained at saturation"
     )
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="scoring: measured seconds of load (30); freshness, loop: of traffic "
-        "(demo.duration_s)",
+        "(demo.duration_s); sampling: of the stream (100)",
     )
     bench.add_argument(
         "--rates",
@@ -197,6 +200,17 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             rates,
             args.seconds if args.seconds is not None else settings.demo.duration_s,
             click_boost=args.click_boost,
+            progress=lambda line: print(line, flush=True),
+        )
+        return 0
+    if args.command == "bench" and args.name == "sampling":
+        from camoe.bench import sampling
+
+        sampling.run(
+            settings,
+            args.out,
+            args.seeds or settings.bench.seeds,
+            args.seconds if args.seconds is not None else 100.0,
             progress=lambda line: print(line, flush=True),
         )
         return 0

@@ -50,7 +50,7 @@ import os
 import time
 import zlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,10 @@ class Examples:
     def __len__(self) -> int:
         return len(self.label)
 
+    def rows(self, index: np.ndarray | slice) -> Examples:
+        """The examples at ``index`` (an index array or a slice), in its order."""
+        return Examples(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
 
 def held_out(request_id: str, every: int) -> bool:
     """Whether the events of ``request_id`` are kept out of training for the quality gate:
@@ -118,6 +122,30 @@ def adam(model: nn.Module, learning_rate: float) -> torch.optim.Adam:
     """Adam with its fused kernel: one pass over all parameters per step instead of one
     per tensor, the larger part of a small model's step on a CPU."""
     return torch.optim.Adam(model.parameters(), lr=learning_rate, fused=True)
+
+
+def train_steps(
+    model: nn.Module, optimiser: torch.optim.Optimizer, x: Examples, batch_size: int
+) -> None:
+    """One optimiser step per mini-batch of ``batch_size`` rows of ``x``, in order: adaptive
+    loss masking, each row weighted by its importance weight and, where it comes from a
+    fake-negative stream, by fake-negative weighting."""
+    tensors = (
+        *to_tensors(x.categorical, x.numeric, x.fmt, x.label),
+        torch.from_numpy(x.weight),
+        torch.from_numpy(x.fake_negative),
+    )
+    model.train()
+    for start in range(0, len(x), batch_size):
+        c, n, f, y, w, fake = (t[start : start + batch_size] for t in tensors)
+        logits = model(c, n)
+        if fake.any():
+            w = w * fake_negative_weights(logits, y, f, fake)
+        loss = masked_bce(logits, y, f, sample_weights=w)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
 
 
 def predict(model: nn.Module, x: Examples, observed: bool = False) -> np.ndarray:
@@ -412,23 +440,7 @@ class IncrementalTrainer:
         ]
 
     def _train(self, x: Examples) -> None:
-        tensors = (
-            *to_tensors(x.categorical, x.numeric, x.fmt, x.label),
-            torch.from_numpy(x.weight),
-            torch.from_numpy(x.fake_negative),
-        )
-        self.model.train()
-        size = self.t.online_batch_size
-        for start in range(0, len(x), size):
-            c, n, f, y, w, fake = (t[start : start + size] for t in tensors)
-            logits = self.model(c, n)
-            if fake.any():
-                w = w * fake_negative_weights(logits, y, f, fake)
-            loss = masked_bce(logits, y, f, sample_weights=w)
-            self.optimiser.zero_grad()
-            loss.backward()
-            self.optimiser.step()
-        self.model.eval()
+        train_steps(self.model, self.optimiser, x, self.t.online_batch_size)
         self.examples += len(x)
         self.since_publish += len(x)
 

@@ -101,6 +101,22 @@ def fit(
     return losses
 
 
+def pretrain(settings: Settings, history: dict[str, np.ndarray]) -> Calibrated:
+    """Version 1: the served CAMoE fitted offline on ``history`` (time-ordered), its
+    newest tenth held out to fit the calibration."""
+    held_out = len(history["label"]) // 10
+    model = build_served_camoe(settings)
+    fit(
+        model,
+        {k: v[:-held_out] for k, v in history.items()},
+        epochs=2,
+        batch_size=settings.trainer.pretrain_batch_size,
+        learning_rate=settings.trainer.pretrain_learning_rate,
+    )
+    calibrate(model, {k: v[-held_out:] for k, v in history.items()})
+    return model
+
+
 def calibrate(model: Calibrated, data: dict[str, np.ndarray]) -> None:
     """Fits the per-task Platt calibration on held-out data (the model itself is frozen)."""
     categorical = torch.from_numpy(data["categorical"])

@@ -195,26 +195,19 @@ def trainer_floor(settings: Settings, events: int = 8_192) -> float:
     import torch
 
     from camoe.sim.traffic import World
-    from trainer.model import build_served_camoe, masked_bce
-    from trainer.online import adam
-    from trainer.train import to_tensors
+    from trainer.model import build_served_camoe
+    from trainer.online import Examples, adam, train_steps
 
     history = World(settings.simulator).history(events, hours=0.0)
-    model = build_served_camoe(settings).train()
+    model = build_served_camoe(settings)
     optimiser = adam(model, settings.trainer.online_learning_rate)
-    c, n, f, y = to_tensors(
+    x = Examples.unweighted(
         history["categorical"], history["numeric"], history["format"], history["label"]
     )
-    size = settings.trainer.online_batch_size
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.trainer.torch_threads)
     started = time.perf_counter()
-    for start in range(0, events, size):
-        rows = slice(start, start + size)
-        loss = masked_bce(model(c[rows], n[rows]), y[rows], f[rows])
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+    train_steps(model, optimiser, x, settings.trainer.online_batch_size)
     rate = events / (time.perf_counter() - started)
     torch.set_num_threads(threads)
     return rate

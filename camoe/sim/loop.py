@@ -22,8 +22,7 @@ from camoe.sim.traffic import World
 from camoe.stack.stack import Endpoints, Stack
 from camoe.supervisor import components
 from trainer.export import Publisher, versions
-from trainer.model import build_served_camoe
-from trainer.train import calibrate, fit, load_model, save_model
+from trainer.train import load_model, pretrain, save_model
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +63,7 @@ def prepare(settings: Settings, endpoints: Endpoints, fresh: bool = False) -> No
     history = world.history(
         settings.trainer.pretrain_requests, hours=settings.trainer.pretrain_hours
     )
-    held_out = len(history["label"]) // 10  # the newest tenth fits the calibration
-    train = {k: v[:-held_out] for k, v in history.items()}
-    model = build_served_camoe(settings)
-    fit(
-        model,
-        train,
-        epochs=2,
-        batch_size=settings.trainer.pretrain_batch_size,
-        learning_rate=settings.trainer.pretrain_learning_rate,
-    )
-    calibrate(model, {k: v[-held_out:] for k, v in history.items()})
+    model = pretrain(settings, history)
     save_model(model, checkpoint)
     check = (history["categorical"][:64], history["numeric"][:64], history["format"][:64])
     version = Publisher(settings.triton.model_repo, settings.triton.model_name, client).publish(

@@ -232,9 +232,12 @@ class World:
 
     # --- history for offline training and Feast ------------------------------------------
 
-    def history(self, n_requests: int, seed: int = 0, hours: float = 24.0) -> dict[str, np.ndarray]:
-        """Simulated served impressions in time order over ``hours`` (drift applies): one
-        per request, a random candidate shown (so formats follow their shares)."""
+    def history(
+        self, n_requests: int, seed: int = 0, hours: float = 24.0, start_hours: float = 0.0
+    ) -> dict[str, np.ndarray]:
+        """Simulated served impressions in time order over ``hours`` from ``start_hours``
+        (drift applies): one per request, a random candidate shown (so formats follow their
+        shares)."""
         rng = np.random.default_rng(self.settings.seed * 1000 + seed)
         shown, users, ads, label, true_p, encoded = [], {}, {}, [], [], []
         start = int(time.time() * 1000)
@@ -245,7 +248,8 @@ class World:
             users[request["user_id"]], ads[candidate["ad_id"]] = self.features(
                 request["user_id"], candidate["ad_id"]
             )
-            p = self.true_ctr(request, candidate["ad_id"], hours * i / max(n_requests, 1))
+            hour = start_hours + hours * i / max(n_requests, 1)
+            p = self.true_ctr(request, candidate["ad_id"], hour)
             label.append(float(rng.random() < p))
             true_p.append(p)
             if len(shown) == 10_000 or i == n_requests - 1:  # encoded in chunks

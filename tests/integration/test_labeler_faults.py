@@ -61,6 +61,8 @@ def world(services, tmp_path_factory, request):
                     "group_id": f"labeler-{suffix}",
                     "attribution_window_s": WINDOW_S,
                     "feedback": request.param,
+                    # Every negative emitted, so each impression's label is checked.
+                    "negative_sampling_rate": 1.0,
                 }
             ),
             "stack": settings.stack.model_copy(update={"state_dir": root / "stack"}),
