@@ -14,7 +14,9 @@ from camoe.settings import Settings, StreamSettings
 from camoe.stack.stack import Endpoints, Stack
 from camoe.streaming.app import StreamApp
 from camoe.streaming.avro import codec_for
+from camoe.streaming.metrics import serve
 from consumers.labeler import Labeler
+from consumers.metrics import LabelerCollector
 from consumers.scoring import Scorer
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,11 @@ def _app(
     )
 
 
+def _serve_metrics(app: StreamApp, options: StreamSettings) -> None:
+    if options.metrics_port is not None:
+        serve(app.registry, options.metrics_port)
+
+
 def run_scoring(settings: Settings, stop: Event) -> None:
     needed = ("kafka", "triton") + (("redis",) if settings.feast.online_store == "redis" else ())
     endpoints = endpoints_for(settings, *needed)
@@ -94,10 +101,13 @@ def run_scoring(settings: Settings, stop: Event) -> None:
     )
     app = _app(settings, "scoring", s, ("ad_requests",), ("ad_scores", "feature_log"))
     scorer = Scorer(
-        settings, features, triton, app.partitions(settings.kafka.topics.ad_scores.name)
+        settings,
+        features,
+        triton,
+        app.partitions(settings.kafka.topics.ad_scores.name),
+        registry=app.registry,
     )
-    if s.metrics_port is not None:
-        scorer.metrics.serve(s.metrics_port)
+    _serve_metrics(app, s)
     # Feast, protobuf and gRPC leave about a million long-lived objects: a full garbage
     # collection walking them stalled scoring for 300 ms. Frozen, they are never walked.
     gc.collect()
@@ -138,6 +148,8 @@ def run_labeler(settings: Settings, stop: Event) -> None:
         negative_sampling_rate=settings.labeler.negative_sampling_rate,
         fake_negative=settings.labeler.feedback == "fake-negative",
     )
+    app.registry.register(LabelerCollector(labeler))
+    _serve_metrics(app, settings.labeler)
     log.info(
         "labeler running (%s mode, window %.1fs, negatives sampled at %g, exactly-once)",
         settings.labeler.feedback,
@@ -165,15 +177,22 @@ def run_trainer(settings: Settings, stop: Event) -> None:
             f"no usable model at {t.checkpoint_dir / 'model.pt'}: run `camoe prepare` first"
         )
     client = TritonClient(endpoints.triton, settings.triton.model_name, settings.triton.timeout_s)
+    app = _app(settings, "trainer", t, ("labelled_events",), ("model_updates",))
     trainer = IncrementalTrainer(
         settings,
         model,
-        Publisher(settings.triton.model_repo, settings.triton.model_name, client),
+        Publisher(
+            settings.triton.model_repo,
+            settings.triton.model_name,
+            client,
+            staging=settings.triton.staging_dir,
+        ),
         t.checkpoint_dir / "trainer.pt",
         cluster_id(endpoints.kafka or ""),
         resume,
+        registry=app.registry,
     )
-    app = _app(settings, "trainer", t, ("labelled_events",), ("model_updates",))
+    _serve_metrics(app, t)
     log.info(
         "incremental trainer running (publish every %d examples or %.0fs)",
         t.publish_every_examples,

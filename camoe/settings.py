@@ -73,6 +73,12 @@ class TritonSettings(Section):
     http_url: str | None = None
     model_name: str = "camoe"
     model_repo: Path = ROOT / "model_repo"
+    staging_dir: Path | None = Field(
+        default=None,
+        description="where the trainer writes and checks a version before renaming it into "
+        "model_repo: outside the repository Triton serves, on its filesystem (the rename "
+        "must be atomic); unset: .<model_repo>-staging beside it",
+    )
     timeout_s: float = 5.0
     max_batch_size: int = Field(
         default=4096,
@@ -182,6 +188,10 @@ class StreamSettings(Section):
         description="the producer's wait for more records per request; a batch's outputs "
         "are produced in one burst, so it need only cover that",
     )
+    metrics_port: int | None = Field(
+        default=None,
+        description="Prometheus /metrics on 127.0.0.1 at this port (0: any free port; unset: none)",
+    )
 
 
 def stream_default(name: str, default: Any) -> Any:
@@ -232,9 +242,6 @@ class ScoringSettings(StreamSettings):
             "ad_counters": 1.0,
         },
         description="seconds the scorer keeps a feature view's rows (see OnlineFeatures)",
-    )
-    metrics_port: int | None = Field(
-        default=None, description="Prometheus /metrics on 127.0.0.1 (0: any free port)"
     )
     prior_ctr: dict[str, float] = Field(
         default={"audio": 0.0085, "video": 0.024, "display": 0.016},

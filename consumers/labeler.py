@@ -281,6 +281,8 @@ class Labeler:
         result.outputs.extend(self._changelog())
         if self.push_counters and self._unpushed:
             self.push_counters(*self._totals(self._unpushed))
+            self.counts["counter_pushes"] += 1
+            self.counts["counters_pushed"] += len(self._unpushed)
             self._unpushed.clear()
         return result
 

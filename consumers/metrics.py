@@ -1,12 +1,17 @@
-"""Prometheus metrics of the scoring consumer, served on 127.0.0.1 when a port is set."""
+"""Prometheus metrics of the scoring consumer and the labeler (their stream apps' own are
+in camoe/streaming/metrics.py), served on 127.0.0.1 when a port is set."""
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from consumers.labeler import Labeler
 
 # Milliseconds, from sub-millisecond stages up to a held batch.
 LATENCY_BUCKETS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
@@ -56,9 +61,58 @@ class ScoringMetrics:
             registry=r,
         )
 
-    def serve(self, port: int) -> int:
-        """Serves /metrics on 127.0.0.1:``port`` (0: any free port); returns the port."""
-        server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
-        bound = server.server_address[1]
-        log.info("metrics on http://127.0.0.1:%d/metrics", bound)
-        return bound
+
+# labeler.counts key -> (metric, its ``kind`` label)
+LABELER_COUNTS = {
+    "negatives": ("labels", "negative"),
+    "positives": ("labels", "positive"),
+    "late_positives": ("labels", "late_positive"),
+    "negatives_sampled_out": ("labels", "negative_sampled_out"),
+    "duplicate_clicks": ("clicks", "duplicate"),
+    "unknown_clicks": ("clicks", "unknown"),
+    "duplicate_impressions": ("impressions", "duplicate"),
+    "counter_pushes": ("counter_pushes", None),
+    "counters_pushed": ("counters_pushed", None),
+}
+LABELER_HELP = {
+    "labels": "Impressions labelled, by kind (a negative sampled out is counted, not emitted)",
+    "clicks": "Clicks that labelled nothing: a duplicate, or one whose impression never came",
+    "impressions": "Feature-log rows already known (a request scored again after a crash)",
+    "counter_pushes": "Pushes of fresh counters to the online store",
+    "counters_pushed": "User and ad counters written by those pushes",
+}
+
+
+class LabelerCollector(Collector):
+    """The labeler's counts and the size of its state, read at each scrape."""
+
+    def __init__(self, labeler: Labeler) -> None:
+        self.labeler = labeler
+
+    def collect(self) -> Iterator[Metric]:
+        counts = dict.copy(self.labeler.counts)  # one C call: safe against the app's thread
+        families: dict[str, CounterMetricFamily] = {}
+        for key, (name, kind) in LABELER_COUNTS.items():
+            if name not in families:
+                labels = ["kind"] if kind is not None else []
+                families[name] = CounterMetricFamily(
+                    f"camoe_labeler_{name}", LABELER_HELP[name], labels=labels
+                )
+            families[name].add_metric([kind] if kind is not None else [], counts.get(key, 0))
+        yield from families.values()
+        state = GaugeMetricFamily(
+            "camoe_labeler_state",
+            "What the labeler holds over its partitions: impressions waiting for their "
+            "window, clicks waiting for their impression, labelled impressions remembered "
+            "for late clicks, user and ad counters",
+            labels=["part"],
+        )
+        partitions = list(dict.copy(self.labeler.partitions).values())
+        for part, attribute in (
+            ("pending_impressions", "pending"),
+            ("waiting_clicks", "orphans"),
+            ("labelled_impressions", "decided"),
+            ("counters", "counters"),
+        ):
+            state.add_metric([part], sum(len(getattr(p, attribute)) for p in partitions))
+        yield state

@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
 from camoe.clients.triton import InferenceServerException, TritonClient
 from camoe.features import FORMATS, Encoded, FeatureLayout, is_float32
@@ -102,6 +103,7 @@ class Scorer:
         triton: client of the served CAMoE model.
         scores_partitions: the ad-scores topic's partitions on the broker (None: as many
             as the settings give it).
+        registry: where its metrics go (its stream app's; None: a registry of its own).
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class Scorer:
         features: FeatureReader,
         triton: TritonClient,
         scores_partitions: int | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.features = features
@@ -122,7 +125,7 @@ class Scorer:
         self._batches = 0
         self._priors = np.asarray([settings.scoring.prior_ctr[f] for f in FORMATS], np.float32)
         self.counts: Counter[str] = Counter()
-        self.metrics = ScoringMetrics()
+        self.metrics = ScoringMetrics(registry)
 
     def _infer(
         self, categorical: np.ndarray, numeric: np.ndarray, fmt: np.ndarray

@@ -8,8 +8,10 @@
    for ``<model>`` go to its newest version, so a version must pass in Triton before it
    becomes the newest one.
 3. It is renamed into ``<repo>/<model>/<n>/`` in one atomic step, so Triton never sees a
-   half-written version. A crash before the rename leaves only a staging folder, which
-   the next publisher clears.
+   half-written version. The staging folder is outside the repository Triton serves (so
+   its index never lists it) and on the same filesystem (so the rename is atomic). A
+   crash before the rename leaves only a staging folder, which the next publisher
+   clears.
 4. Triton loads it (loads are serialised by a lock) and it is warmed up with the check
    batch; a failed load removes the version folder and reloads, so the previous version
    keeps serving.
@@ -100,6 +102,13 @@ def versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def default_staging(model_repo: Path) -> Path:
+    """Where versions are staged unless configured: ``.<repo>-staging`` beside the
+    repository, so outside what Triton serves and, in practice, on its filesystem."""
+    model_repo = Path(model_repo).resolve()
+    return model_repo.parent / f".{model_repo.name}-staging"
+
+
 class Publisher:
     """Writes, loads, checks and prunes versions of one model.
 
@@ -108,21 +117,35 @@ class Publisher:
         model_name: folder and ``name:`` of the model.
         client: Triton client; None writes versions without loading them.
         keep: versions kept on disk (the policy keeps two loaded: new and rollback).
+        staging: where versions are written before their rename (``triton.staging_dir``;
+            None: ``default_staging``); this model's own folder under it is used.
 
     ``steps`` holds the seconds each step of the last publish took: ``write`` (export and
     the onnxruntime check), ``trial``, ``rename``, ``load`` (load and check in Triton).
     """
 
     def __init__(
-        self, model_repo: Path, model_name: str, client: TritonClient | None, keep: int = 2
+        self,
+        model_repo: Path,
+        model_name: str,
+        client: TritonClient | None,
+        keep: int = 2,
+        staging: Path | None = None,
     ) -> None:
         self.model_dir = Path(model_repo) / model_name
-        self.staging = Path(model_repo) / ".staging"
+        self.staging = Path(staging or default_staging(Path(model_repo))) / model_name
         self.client = client
         self.keep = keep
         self.steps: dict[str, float] = {}
-        # Left by a publisher that died before its rename; one publisher per model repository.
+        # Left by a publisher that died before its rename; one publisher per model.
         shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        if self.staging.stat().st_dev != Path(model_repo).stat().st_dev:
+            raise PublishError(
+                f"the staging folder {self.staging} is on another filesystem than the model "
+                f"repository {model_repo}, so versions cannot be renamed into place "
+                "atomically: set triton.staging_dir to a folder on the repository's filesystem"
+            )
 
     def next_version(self) -> int:
         existing = versions(self.model_dir)
@@ -137,7 +160,7 @@ class Publisher:
         started = time.perf_counter()
         version = self.next_version()
         expected = serving_scores(model, check)
-        self.staging.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir(parents=True, exist_ok=True)  # removed meanwhile: written again
         folder = self.staging / f"{version}-{uuid.uuid4().hex[:8]}"
         try:
             with self._step("write"):

@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 from confluent_kafka import OFFSET_INVALID, TopicPartition
+from prometheus_client import CollectorRegistry
 from torch import nn
 
 from camoe.features import format_index
@@ -65,6 +66,7 @@ from camoe.streaming.app import BatchResult, Output, Record
 from trainer.export import Batch, Publisher, PublishError
 from trainer.metrics import per_format
 from trainer.model import fake_negative_weights, masked_bce, observed_pctr, select_task
+from trainer.monitoring import TrainerMetrics
 from trainer.train import to_tensors
 
 log = logging.getLogger(__name__)
@@ -175,6 +177,7 @@ class Gate:
     """The quality gate's verdict on one candidate."""
 
     passed: bool
+    check: str  # what decided: finite_weights, finite_scores, logloss, no_held_out
     reason: str
     candidate_logloss: float = float("nan")
     serving_logloss: float = float("nan")
@@ -187,19 +190,21 @@ def quality_gate(
     ``(1 + tolerance)`` times the serving version's. Logloss, not AUC-PR: it is stable on
     a few thousand events with few positives, and it also catches a miscalibrated model."""
     if not finite(candidate):
-        return Gate(False, "weights are not finite")
+        return Gate(False, "finite_weights", "weights are not finite")
     if held_out is None or len(held_out) == 0 or held_out.label.min() == held_out.label.max():
-        return Gate(True, "no held-out events with both labels yet: checked finiteness only")
+        return Gate(
+            True, "no_held_out", "no held-out events with both labels yet: checked finiteness only"
+        )
     p = predict(candidate, held_out, observed=True)
     if not np.isfinite(p).all():
-        return Gate(False, "held-out scores are not finite")
+        return Gate(False, "finite_scores", "held-out scores are not finite")
     mine = logloss(p, held_out.label, held_out.weight)
     theirs = logloss(predict(serving, held_out, observed=True), held_out.label, held_out.weight)
     if mine > theirs * (1 + tolerance):
-        return Gate(
-            False, f"held-out logloss {mine:.4f} worse than serving {theirs:.4f}", mine, theirs
-        )
-    return Gate(True, f"held-out logloss {mine:.4f} vs serving {theirs:.4f}", mine, theirs)
+        reason = f"held-out logloss {mine:.4f} worse than serving {theirs:.4f}"
+        return Gate(False, "logloss", reason, mine, theirs)
+    reason = f"held-out logloss {mine:.4f} vs serving {theirs:.4f}"
+    return Gate(True, "logloss", reason, mine, theirs)
 
 
 class Window:
@@ -279,6 +284,7 @@ class IncrementalTrainer:
         checkpoint_path: where the trainer's checkpoint lives.
         cluster_id: the Kafka cluster's id, stored with the offsets.
         resume: the checkpoint to resume from, if any.
+        registry: where its metrics go (its stream app's; None: a registry of its own).
     """
 
     def __init__(
@@ -289,6 +295,7 @@ class IncrementalTrainer:
         checkpoint_path: Path,
         cluster_id: str | None,
         resume: Checkpoint | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.t = settings.trainer
@@ -320,6 +327,7 @@ class IncrementalTrainer:
         self._announce_again = False
         if resume is not None:
             self._restore(resume)
+        self.metrics = TrainerMetrics(self, registry)
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         self.model.load_state_dict(checkpoint.model)
@@ -483,6 +491,7 @@ class IncrementalTrainer:
         gate = quality_gate(
             self.model, self.serving, Examples(*held) if held else None, self.t.gate_tolerance
         )
+        self.metrics.gate.labels("passed" if gate.passed else "rejected", gate.check).inc()
         if not gate.passed:
             self.rejected += 1
             log.warning("candidate rejected by the quality gate: %s", gate.reason)
@@ -495,23 +504,29 @@ class IncrementalTrainer:
             version = self.publisher.publish(self.model, self.check)
         except PublishError as error:
             self.rejected += 1
+            self.metrics.publish_failures.inc()
             log.error("%s", error)
             return None
+        finally:
+            self.metrics.steps(self.publisher.steps)
         self.serving.load_state_dict(self.model.state_dict())
         self.version = version
+        quality = self.prequential()
         announcement = {
             "model_name": self.settings.triton.model_name,
             "version": version,
             "published_at": int(time.time() * 1000),
             "examples_trained": self.examples,
             "metrics": {
-                **self.prequential(),
+                **quality,
                 "gate_candidate_logloss": gate.candidate_logloss,
                 "gate_serving_logloss": gate.serving_logloss,
                 **{f"publish_{step}_s": s for step, s in self.publisher.steps.items()},
             },
             "learned_click_times": self.learned_clicks,
         }
+        self.metrics.published(announcement["published_at"], self.learned_clicks)
+        self.metrics.prequential(quality)
         self.learned_clicks = []
         self.announcement = announcement
         log.info("published version %d after %d examples (%s)", version, self.examples, gate.reason)

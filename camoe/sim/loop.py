@@ -66,9 +66,13 @@ def prepare(settings: Settings, endpoints: Endpoints, fresh: bool = False) -> No
     model = pretrain(settings, history)
     save_model(model, checkpoint)
     check = (history["categorical"][:64], history["numeric"][:64], history["format"][:64])
-    version = Publisher(settings.triton.model_repo, settings.triton.model_name, client).publish(
-        model, check
+    publisher = Publisher(
+        settings.triton.model_repo,
+        settings.triton.model_name,
+        client,
+        staging=settings.triton.staging_dir,
     )
+    version = publisher.publish(model, check)
     log.info("published version %d", version)
 
 

@@ -36,11 +36,13 @@ from threading import Event
 from typing import Any, NamedTuple, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from prometheus_client import CollectorRegistry, Histogram
 
 from camoe.clients.kafka import consumer_config, producer_config
 from camoe.settings import StreamSettings
 from camoe.streaming.avro import AvroCodec
 from camoe.streaming.exceptions import DecodeError, DeliveryError, MissingTopicError, RetryLater
+from camoe.streaming.metrics import StreamCollector
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the key's partitioner 
 # With a batch interval, the fetch's wait decides when the broker answers, not its size: a
 # backlog is answered at once while more than this of it waits.
 FETCH_MIN_BYTES = 1 << 20
+LAG_EVERY_S = 2.0  # how often the consumer lag of the metrics is refreshed
 
 
 class Record(NamedTuple):
@@ -148,6 +151,10 @@ class StreamApp:
             with the same id takes its partitions back at once (static membership) and,
             exactly-once, fences its crashed predecessor's open transaction (aborting it)
             instead of waiting for timeouts. None: a fresh identity per process.
+
+    ``registry`` holds the app's Prometheus metrics (camoe/streaming/metrics.py): its
+    counters, its consumer lag per partition and, exactly-once, the time each
+    transaction took to commit. Components add their own to it.
     """
 
     def __init__(
@@ -179,6 +186,17 @@ class StreamApp:
             "batches": 0,
             "retried_batches": 0,
         }
+        self.lag: dict[tuple[str, int], int] = {}  # (topic, partition) -> records not read
+        self._lag_at = 0.0
+        self.registry = CollectorRegistry()
+        self.registry.register(StreamCollector(self))
+        self._commit_seconds = Histogram(
+            "camoe_stream_transaction_commit_seconds",
+            "Time to commit a batch's transaction (exactly-once)",
+            ["app"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5),
+            registry=self.registry,
+        ).labels(name)
         self._consumer = Consumer(
             consumer_config(
                 bootstrap_servers,
@@ -250,6 +268,8 @@ class StreamApp:
         try:
             while not stop.is_set():
                 messages = consume_batch(self._consumer, self.batch_size, self.poll_timeout_s)
+                if time.monotonic() - self._lag_at > LAG_EVERY_S:
+                    self._refresh_lag()
                 records, bad = self._decode(messages)
                 if messages:
                     last_input = time.monotonic()
@@ -275,6 +295,17 @@ class StreamApp:
                     self._commit_acknowledged()
         finally:
             self.close()
+
+    def _refresh_lag(self) -> None:
+        """The records of each assigned partition not yet read: its end offset as of the
+        last fetch (librdkafka's cached watermark) minus the consumer's position."""
+        self._lag_at = time.monotonic()
+        lag = {}
+        for tp in self._consumer.position(self._consumer.assignment()):
+            _, end = self._consumer.get_watermark_offsets(tp, cached=True)
+            if tp.offset >= 0 and end >= 0:  # both known once the partition was fetched
+                lag[(tp.topic, tp.partition)] = max(end - tp.offset, 0)
+        self.lag = lag
 
     def _rewind(self, messages: list[Message], retry_after_s: float, stop: Event) -> None:
         """Backpressure for a handler that cannot go on (RetryLater): pause every partition,
@@ -347,7 +378,9 @@ class StreamApp:
                     self._producer.send_offsets_to_transaction(
                         offsets, self._consumer.consumer_group_metadata(), 30
                     )
+                started = time.perf_counter()
                 self._producer.commit_transaction(30)
+                self._commit_seconds.observe(time.perf_counter() - started)
             except Exception:
                 self._producer.abort_transaction(30)
                 raise

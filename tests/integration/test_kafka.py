@@ -215,3 +215,45 @@ def test_outputs_refused_by_a_full_local_queue_are_queued_again_in_order(service
     out = [CLICKS.decode(v)["request_id"] for v in read_all(endpoints.kafka, sink, n)]
     assert out == [f"r{i}" for i in range(n)]
     app.close()
+
+
+def test_metrics_count_the_records_and_show_the_lag_of_a_backlog(services):
+    _, endpoints = services
+    suffix = uuid.uuid4().hex[:8]
+    source, sink, dlq = f"in-{suffix}", f"out-{suffix}", f"dlq-{suffix}"
+    create_topics(endpoints.kafka, [TopicSpec(name=t) for t in (source, sink, dlq)])
+    producer = Producer({"bootstrap.servers": endpoints.kafka, "linger.ms": 5})
+    backlog = 3000
+    for i in range(backlog):
+        click = {"request_id": f"r{i}", "ad_id": "a1", "user_id": "u1", "event_time": i}
+        producer.produce(source, key=f"r{i}", value=CLICKS.encode(click))
+    producer.produce(source, key="bad", value=b"not avro")
+    assert producer.flush(10) == 0
+    app = StreamApp(
+        "slow",
+        endpoints.kafka,
+        {source: CLICKS},
+        {sink: CLICKS},
+        dlq,
+        StreamSettings(group_id=f"g-{suffix}", batch_size=100, poll_timeout_s=0.05),
+    )
+    value = app.registry.get_sample_value
+    lags: list[float] = []
+
+    def handler(records):
+        time.sleep(0.1)  # a slow handler: the backlog drains at about 1,000 records/s
+        lags.append(value("camoe_stream_consumer_lag", _lag_labels(source)) or -1.0)
+        return BatchResult(outputs=[Output(sink, r.value["request_id"], r.value) for r in records])
+
+    app.run(handler, Event(), max_idle_s=3.0)
+    seen = [lag for lag in lags if lag >= 0]
+    assert seen and max(seen) > 500, lags  # the backlog showed while it drained
+    assert max(seen) <= backlog + 1
+    assert value("camoe_stream_consumed_total", {"app": "slow"}) == backlog + 1
+    assert value("camoe_stream_produced_total", {"app": "slow"}) == backlog
+    assert value("camoe_stream_dead_letters_total", {"app": "slow"}) == 1
+    assert len(read_all(endpoints.kafka, sink, backlog)) == backlog
+
+
+def _lag_labels(topic: str) -> dict[str, str]:
+    return {"app": "slow", "topic": topic, "partition": "0"}

@@ -99,7 +99,7 @@ class Served:
 
     @property
     def staging(self) -> Path:
-        return self.repo / ".staging"
+        return export.default_staging(self.repo) / self.model_dir.name
 
     def staged(self) -> list[Path]:
         return sorted(self.staging.iterdir()) if self.staging.exists() else []
@@ -263,6 +263,8 @@ def test_crash_before_the_rename_leaves_only_staging_and_previous_serves(served,
     reloading.assert_only(ready[-1], served.models[ready[-1]])
     served.assert_serves(ready)
     assert ready[-1] + 1 not in _index(served.client)
+    listed = served.client._client.get_model_repository_index(as_json=True).get("models", [])
+    assert not [m["name"] for m in listed if m["name"].startswith(".")], listed
 
     # The next publisher clears staging, and its publish takes the next number and serves.
     Publisher(served.repo, MODEL, served.client)

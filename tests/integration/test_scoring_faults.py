@@ -26,6 +26,7 @@ from camoe.stack import triton
 from camoe.stack.process import stop_pid
 from camoe.streaming.app import Record, StreamApp
 from camoe.streaming.avro import AvroCodec
+from camoe.streaming.metrics import serve
 from camoe.supervisor import write_settings
 from consumers.scoring import Scorer
 from tests.conftest import copy_repos
@@ -421,7 +422,7 @@ def test_metrics_are_served_on_loopback(world):
         Record("t", 0, i, None, sim.request(rng, int(time.time() * 1000)), b"") for i in range(10)
     ]
     scorer(records)
-    port = scorer.metrics.serve(0)
+    port = serve(scorer.metrics.registry, 0)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert "camoe_scoring_requests_total 10.0" in text
     assert (
@@ -436,7 +437,7 @@ def test_top_renders_a_scorers_metrics(world):
 
     settings, _, sim, server, _ = world
     scorer = _scorer(settings, server)
-    port = scorer.metrics.serve(0)
+    port = serve(scorer.metrics.registry, 0)
     rng = np.random.default_rng(6)
     views: list[str] = []
 

@@ -3,8 +3,10 @@ Triton server (client=None) and onnxruntime standing in for it."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -14,7 +16,7 @@ import torch
 import trainer.export as export
 from camoe.features import FORMATS, FeatureLayout
 from camoe.settings import ROOT, Settings
-from trainer.export import Publisher, PublishError, export_onnx, versions
+from trainer.export import Publisher, PublishError, default_staging, export_onnx, versions
 from trainer.model import ServingModel, build_camoe
 
 SETTINGS = Settings()
@@ -112,7 +114,7 @@ def _check_batch():
 
 def test_publish_versions_atomically_and_keeps_newest_two(model, repo, monkeypatch):
     publisher = Publisher(model_repo=repo, model_name="camoe", client=None, keep=2)
-    model_dir, staging = repo / "camoe", repo / ".staging"
+    model_dir, staging = repo / "camoe", default_staging(repo) / "camoe"
     assert publisher.next_version() == 1
 
     real_export = export.export_onnx
@@ -135,7 +137,8 @@ def test_publish_versions_atomically_and_keeps_newest_two(model, repo, monkeypat
             folder = model_dir / str(v)
             assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.py"]
             assert (folder / "model.py").read_bytes() == RUNNER.read_bytes()
-        assert list(staging.iterdir()) == [], "leftover in .staging"
+        assert list(staging.iterdir()) == [], "leftover in staging"
+        assert [p.name for p in repo.iterdir()] == ["camoe"], "only the model in the repository"
         assert publisher.next_version() == version + 1
     assert len(exported_to) == 3
 
@@ -173,7 +176,16 @@ def test_failed_export_raises_publish_error_and_cleans_staging(model, repo, monk
             publisher.publish(model, _check_batch())
     finally:
         assert versions(repo / "camoe") == []
-    assert list((repo / ".staging").iterdir()) == []
+    assert list((default_staging(repo) / "camoe").iterdir()) == []
+
+
+def test_staging_on_another_filesystem_is_refused_with_the_setting_to_change(repo):
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == repo.stat().st_dev:
+        pytest.skip("no second filesystem here")
+    with pytest.raises(PublishError, match=r"triton\.staging_dir"):
+        Publisher(repo, "camoe", client=None, staging=other / f"camoe-test-{os.getpid()}")
+    shutil.rmtree(other / f"camoe-test-{os.getpid()}", ignore_errors=True)
 
 
 # --- config.pbtxt -------------------------------------------------------------------------

@@ -552,3 +552,32 @@ def test_without_push_counters_the_labeler_still_counts(h):
     h(h.impression("r1", T0), h.click("r1", T0 + 1), now=T0 + 2)
     assert h.labeler.user_counters == {"user-1": [1, 1]}
     assert h.labeler.ad_counters == {"ad-1": [1, 1]}
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
+def test_metrics_read_the_labels_clicks_pushes_and_state_at_scrape_time():
+    from prometheus_client import CollectorRegistry
+
+    from consumers.metrics import LabelerCollector
+
+    h = Harness(push_counters=lambda users, ads: None)
+    registry = CollectorRegistry()
+    registry.register(LabelerCollector(h.labeler))
+    value = registry.get_sample_value
+    h(h.impression("r1", T0), h.impression("r2", T0), now=T0)
+    assert value("camoe_labeler_state", {"part": "pending_impressions"}) == 2
+    assert value("camoe_labeler_state", {"part": "counters"}) == 2  # user-1 and ad-1
+    h(h.click("r1", T0 + 1000), h.click("r1", T0 + 1500), h.click("nobody", T0), now=T0 + 2000)
+    assert value("camoe_labeler_labels_total", {"kind": "positive"}) == 1
+    assert value("camoe_labeler_clicks_total", {"kind": "duplicate"}) == 1
+    h(now=T0 + (WINDOW_S + 1) * 1000)
+    assert value("camoe_labeler_labels_total", {"kind": "negative"}) == 1
+    assert value("camoe_labeler_state", {"part": "pending_impressions"}) == 0
+    assert value("camoe_labeler_state", {"part": "labelled_impressions"}) == 2
+    assert value("camoe_labeler_counter_pushes_total") == h.labeler.counts["counter_pushes"] > 0
+    assert (
+        value("camoe_labeler_clicks_total", {"kind": "unknown"})
+        == (h.labeler.counts["unknown_clicks"])
+    )

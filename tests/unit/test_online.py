@@ -120,6 +120,33 @@ def test_trainer_publishes_on_cadence_and_checkpoints_with_offsets(world_and_mod
     assert [(p.topic, p.partition, p.offset) for p in trainer.committable([])] == [(TOPIC, 0, 600)]
 
 
+def test_trainer_metrics_count_what_it_trained_judged_and_published(world_and_model, tmp_path):
+    settings, history, state = world_and_model
+    trainer = trainer_for(settings, state, tmp_path, None)
+    trainer(records(labelled_events(history, 1500, 600), 0))
+    trainer(records(labelled_events(history, 2100, 10), 600))
+    value = trainer.metrics.registry.get_sample_value
+    assert value("camoe_trainer_examples_total") == trainer.examples > 0
+    assert value("camoe_trainer_events_total") == 610
+    assert value("camoe_trainer_served_version") == 1
+    assert value("camoe_trainer_minibatch_size") == settings.trainer.online_batch_size
+    passed = sum(
+        value("camoe_trainer_gate_decisions_total", {"outcome": "passed", "check": check}) or 0
+        for check in ("logloss", "no_held_out")
+    )
+    assert passed == 1
+    announced = trainer.announcement
+    assert announced is not None
+    learned = announced["learned_click_times"]
+    assert value("camoe_trainer_freshness_seconds_count") == len(learned) > 0
+    expected = sum(announced["published_at"] - t for t in learned) / 1000
+    assert value("camoe_trainer_freshness_seconds_sum") == pytest.approx(expected)
+    for step in ("write", "rename"):
+        assert value("camoe_trainer_publish_step_seconds_count", {"step": step}) == 1
+    audio = value("camoe_trainer_prequential", {"format": "audio", "metric": "logloss"})
+    assert audio == pytest.approx(announced["metrics"]["audio_logloss"])
+
+
 def test_resume_starts_at_the_checkpoint_and_announces_its_version_again(world_and_model, tmp_path):
     settings, history, state = world_and_model
     first = trainer_for(settings, state, tmp_path, None)
