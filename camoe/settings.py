@@ -371,6 +371,7 @@ class BenchSettings(Section):
         "content_mmoe",
         "camoe_no_grouping",
         "camoe_no_masking",
+        "camoe_soft_masking",
         "camoe_no_dcn",
     ]
 

@@ -92,6 +92,7 @@ def masked_bce(
     fmt: torch.Tensor,
     task_weights: torch.Tensor | None = None,
     sample_weights: torch.Tensor | None = None,
+    off_task_weight: float = 0.0,
 ) -> torch.Tensor:
     """Adaptive loss masking: ``L = sum_t w_t * mean_{i: fmt_i = t} BCE(y_i, p_t(x_i))``.
 
@@ -99,12 +100,14 @@ def masked_bce(
     own (unmasked) samples, so a rare format is not drowned by audio; tasks absent from
     the batch contribute nothing. With ``sample_weights`` (importance weights of sampled
     negatives) each task's mean is the weighted mean, an unbiased estimate of the loss
-    over the events before sampling.
+    over the events before sampling. With ``off_task_weight`` a above 0 the mask is soft:
+    other formats' samples reach a tower too, each weighing a (1: no masking).
 
     Shapes: logits (B, T), labels (B,) float, fmt (B,) int64, sample_weights (B,) -> scalar.
     """
     n_tasks = logits.shape[1]
-    mask = F.one_hot(fmt, n_tasks).to(logits.dtype)  # (B, T)
+    own = F.one_hot(fmt, n_tasks).to(logits.dtype)  # (B, T)
+    mask = own + off_task_weight * (1 - own) if off_task_weight else own
     if sample_weights is not None:
         mask = mask * sample_weights.view(-1, 1)
     target = labels.view(-1, 1).expand_as(logits)  # (B, T)

@@ -44,13 +44,17 @@ def task_of(model: nn.Module, categorical: torch.Tensor, fmt: torch.Tensor) -> t
 
 
 def loss_fn(
-    kind: LossKind, logits: torch.Tensor, labels: torch.Tensor, task: torch.Tensor
+    kind: LossKind,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    task: torch.Tensor,
+    off_task_weight: float = 0.0,
 ) -> torch.Tensor:
-    """``masked``: adaptive loss masking (CAMoE); ``pooled``: one BCE over every sample's
-    own column (one-size-fits-all); ``all_tasks``: every sample trains every tower (the
-    "without masking" ablation)."""
+    """``masked``: adaptive loss masking (CAMoE; soft with ``off_task_weight``, see
+    ``masked_bce``); ``pooled``: one BCE over every sample's own column (one-size-fits-all);
+    ``all_tasks``: every sample trains every tower (the "without masking" ablation)."""
     if kind == "masked":
-        return masked_bce(logits, labels, task)
+        return masked_bce(logits, labels, task, off_task_weight=off_task_weight)
     if kind == "pooled":
         return F.binary_cross_entropy_with_logits(select_task(logits, task), labels)
     if kind == "all_tasks":
@@ -66,10 +70,12 @@ def fit(
     learning_rate: float = 3e-3,
     seed: int = 0,
     loss: LossKind = "masked",
+    off_task_weight: float = 0.0,
 ) -> list[float]:
     """Fits the model offline on simulated history; returns the loss per epoch.
 
     The numeric standardisation is fitted on this data first and then frozen.
+    ``off_task_weight``: see ``masked_bce``.
     """
     categorical, numeric, fmt, labels = to_tensors(
         data["categorical"], data["numeric"], data["format"], data["label"]
@@ -88,9 +94,8 @@ def fit(
         total = 0.0
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
-            value = loss_fn(
-                loss, model(categorical[index], numeric[index]), labels[index], task[index]
-            )
+            logits = model(categorical[index], numeric[index])
+            value = loss_fn(loss, logits, labels[index], task[index], off_task_weight)
             optimiser.zero_grad()
             value.backward()
             optimiser.step()

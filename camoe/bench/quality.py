@@ -79,6 +79,7 @@ Builder = Callable[[Settings, Dataset], nn.Module]
 class ModelSpec:
     build: Builder
     loss: LossKind
+    off_task_weight: float = 0.0  # soft masking (trainer.model.masked_bce)
 
 
 def _camoe(**overrides: Any) -> Builder:
@@ -127,6 +128,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "camoe_no_grouping": ModelSpec(_no_grouping, "masked"),
     "camoe_no_masking": ModelSpec(_camoe(), "all_tasks"),
+    "camoe_soft_masking": ModelSpec(_camoe(), "masked", off_task_weight=0.25),
     "camoe_no_dcn": ModelSpec(_camoe(cross_layers=0), "masked"),
 }
 
@@ -171,6 +173,7 @@ def run_model(
         learning_rate=b.learning_rate,
         seed=seed,
         loss=spec.loss,
+        off_task_weight=spec.off_task_weight,
     )
     seconds = time.perf_counter() - started
     n_tasks = len(CONTENT_TYPES) if isinstance(inner, ContentMMoE) else len(dataset.tasks)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from camoe.features import FORMATS, FeatureLayout
 from camoe.settings import Settings
@@ -346,3 +347,24 @@ def test_fit_on_simulated_history(history):
     with torch.no_grad():
         logits = model(torch.as_tensor(history["categorical"]), numeric)
     assert torch.isfinite(logits).all()
+
+
+def test_soft_masking_lets_other_formats_reach_a_tower_with_their_weight():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 3), torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    fmt = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert float(masked_bce(logits, labels, fmt, off_task_weight=0.0)) == pytest.approx(
+        float(masked_bce(logits, labels, fmt))
+    )
+    # Weight 1: every tower's loss is its mean over every sample.
+    every = F.binary_cross_entropy_with_logits(
+        logits, labels.view(-1, 1).expand_as(logits), reduction="none"
+    ).mean(dim=0)
+    soft = masked_bce(logits, labels, fmt, off_task_weight=1.0)
+    assert float(soft) == pytest.approx(float(every.sum()), rel=1e-6)
+    # Between: tower 0 sees its 2 samples at 1 and the other 4 at 0.5.
+    tower_0 = torch.tensor([1.0, 0.0, 0.0])
+    half = masked_bce(logits, labels, fmt, task_weights=tower_0, off_task_weight=0.5)
+    bce = F.binary_cross_entropy_with_logits(logits[:, 0], labels, reduction="none")
+    expected = (bce[:2].sum() + 0.5 * bce[2:].sum()) / (2 + 0.5 * 4)
+    assert float(half) == pytest.approx(float(expected), rel=1e-6)
