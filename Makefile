@@ -11,10 +11,10 @@ MOVIELENS := .cache/data/movielens-100k
 APT_UPDATED := .cache/apt-updated
 UV_VERSION := 0.13.9
 
-.PHONY: setup demo test unit lint lock clean stack-down
+.PHONY: setup demo test unit lint lock clean stack-down redis-server prometheus
 
 setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(KAFKA_LIBS)/.resolved redis-server \
-    $(MOVIELENS)/.fetched
+    prometheus $(MOVIELENS)/.fetched
 
 demo: setup
 	$(VENV)/bin/camoe demo
@@ -75,6 +75,10 @@ $(MOVIELENS)/.fetched: $(VENV)/.installed
 
 redis-server:
 	@command -v redis-server >/dev/null || scripts/require.sh redis
+
+# Prometheus and promtool: the metrics integration test scrapes the components with them.
+prometheus:
+	@command -v promtool >/dev/null || scripts/require.sh prometheus
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) .cache out

@@ -13,8 +13,8 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from consumers.labeler import Labeler
 
-# Milliseconds, from sub-millisecond stages up to a held batch.
-LATENCY_BUCKETS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+# Seconds (Prometheus's base unit), from sub-millisecond stages up to a held batch.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5)
 
 
 class ScoringMetrics:
@@ -41,18 +41,18 @@ class ScoringMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=r,
         )
-        self.stage_ms = Histogram(
-            "camoe_scoring_stage_ms",
+        self.stage_seconds = Histogram(
+            "camoe_scoring_stage_seconds",
             "Per-wave stage latency (features: reading and encoding a wave; inference: "
             "sending it to having its scores; total: its batch's start to its scores)",
             ["stage"],
-            buckets=LATENCY_BUCKETS_MS,
+            buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
-        self.end_to_end_ms = Histogram(
-            "camoe_scoring_end_to_end_ms",
+        self.end_to_end_seconds = Histogram(
+            "camoe_scoring_end_to_end_seconds",
             "Request event time to scores produced",
-            buckets=LATENCY_BUCKETS_MS,
+            buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
         self.model_version = Gauge(
@@ -71,15 +71,15 @@ LABELER_COUNTS = {
     "duplicate_clicks": ("clicks", "duplicate"),
     "unknown_clicks": ("clicks", "unknown"),
     "duplicate_impressions": ("impressions", "duplicate"),
-    "counter_pushes": ("counter_pushes", None),
-    "counters_pushed": ("counters_pushed", None),
+    "counter_pushes": ("feature_pushes", None),
+    "counters_pushed": ("feature_rows_pushed", None),
 }
 LABELER_HELP = {
     "labels": "Impressions labelled, by kind (a negative sampled out is counted, not emitted)",
     "clicks": "Clicks that labelled nothing: a duplicate, or one whose impression never came",
     "impressions": "Feature-log rows already known (a request scored again after a crash)",
-    "counter_pushes": "Pushes of fresh counters to the online store",
-    "counters_pushed": "User and ad counters written by those pushes",
+    "feature_pushes": "Pushes of fresh user and ad counters to the online store",
+    "feature_rows_pushed": "User and ad rows written by those pushes",
 }
 
 

@@ -286,10 +286,10 @@ class Scorer:
         m.requests.inc(len(requests))
         m.candidates.inc(candidates)
         for stage, ms in timings.items():
-            m.stage_ms.labels(stage).observe(ms)
+            m.stage_seconds.labels(stage).observe(ms / 1000)
         now_ms = time.time() * 1000
         for record in requests:
-            m.end_to_end_ms.observe(now_ms - record.value["event_time"])
+            m.end_to_end_seconds.observe((now_ms - record.value["event_time"]) / 1000)
         if version == FALLBACK_VERSION:
             m.fallbacks.inc(len(requests))
             m.model_version.set(0)

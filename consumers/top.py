@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
+STAGE, END_TO_END = "camoe_scoring_stage_seconds", "camoe_scoring_end_to_end_seconds"
+
 
 def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     """Every sample of every metric at ``url``: name -> [(labels, value)]."""
@@ -67,12 +69,12 @@ def render(
     ]
     for stage in ("features", "inference", "total"):
         lines.append(
-            f"  {stage:<26}{quantile(now, 'camoe_scoring_stage_ms', 0.5, stage=stage):8g}"
-            f" {quantile(now, 'camoe_scoring_stage_ms', 0.99, stage=stage):8g}"
+            f"  {stage:<26}{1000 * quantile(now, STAGE, 0.5, stage=stage):8g}"
+            f" {1000 * quantile(now, STAGE, 0.99, stage=stage):8g}"
         )
     lines.append(
-        f"  {'end to end':<26}{quantile(now, 'camoe_scoring_end_to_end_ms', 0.5):8g}"
-        f" {quantile(now, 'camoe_scoring_end_to_end_ms', 0.99):8g}"
+        f"  {'end to end':<26}{1000 * quantile(now, END_TO_END, 0.5):8g}"
+        f" {1000 * quantile(now, END_TO_END, 0.99):8g}"
     )
     return "\n".join(lines)
 

@@ -28,5 +28,8 @@ for need in "$@"; do
       command -v mvn >/dev/null || apt_install "Maven" maven ;;
     redis)
       command -v redis-server >/dev/null || apt_install "redis-server" redis-server ;;
+    prometheus)
+      command -v prometheus >/dev/null && command -v promtool >/dev/null \
+        || apt_install "prometheus (with promtool)" prometheus ;;
   esac
 done

@@ -428,7 +428,7 @@ def test_metrics_are_served_on_loopback(world):
     assert (
         f"camoe_scoring_candidates_total {10 * settings.simulator.candidates_per_request}.0" in text
     )
-    assert 'camoe_scoring_stage_ms_count{stage="inference"} 1.0' in text
+    assert 'camoe_scoring_stage_seconds_count{stage="inference"} 1.0' in text
     assert "camoe_scoring_model_version 1.0" in text
 
 

@@ -576,7 +576,7 @@ def test_metrics_read_the_labels_clicks_pushes_and_state_at_scrape_time():
     assert value("camoe_labeler_labels_total", {"kind": "negative"}) == 1
     assert value("camoe_labeler_state", {"part": "pending_impressions"}) == 0
     assert value("camoe_labeler_state", {"part": "labelled_impressions"}) == 2
-    assert value("camoe_labeler_counter_pushes_total") == h.labeler.counts["counter_pushes"] > 0
+    assert value("camoe_labeler_feature_pushes_total") == h.labeler.counts["counter_pushes"] > 0
     assert (
         value("camoe_labeler_clicks_total", {"kind": "unknown"})
         == (h.labeler.counts["unknown_clicks"])
