@@ -27,7 +27,7 @@ test: setup
 	@scripts/no_leftovers.sh
 
 # The fast loop for contributors: lint and the unit tests, no services.
-unit: $(VENV)/.installed $(MOVIELENS)/.fetched
+unit: $(VENV)/.installed $(MOVIELENS)/.fetched prometheus
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -m unit -q
 
