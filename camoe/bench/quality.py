@@ -26,6 +26,7 @@ and ``calibration.png``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -243,7 +244,7 @@ def dataset_for(settings: Settings, name: str) -> Dataset:
             models=settings.bench.models,
         )
     if name == "movielens-100k":
-        data = movielens.load(limit=settings.bench.requests)
+        data = _ratings(settings.bench.requests)
         return Dataset(
             name,
             movielens.DOMAINS,
@@ -258,11 +259,17 @@ def dataset_for(settings: Settings, name: str) -> Dataset:
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
+@functools.lru_cache(maxsize=1)
+def _ratings(limit: int) -> dict[str, np.ndarray]:
+    """MovieLens read once per run: every seed trains on the same data."""
+    return movielens.load(limit=limit)
+
+
 def _data(settings: Settings, dataset: Dataset, seed: int) -> dict[str, np.ndarray]:
     if dataset.name == "simulator":
         sim = settings.simulator.model_copy(update={"seed": settings.simulator.seed + seed})
         return World(sim).history(settings.bench.requests, seed=seed, hours=settings.bench.hours)
-    return movielens.load(limit=settings.bench.requests)
+    return _ratings(settings.bench.requests)
 
 
 def run(
@@ -388,9 +395,13 @@ def paired_differences(
                         for r, ref in zip(results, per_seed[reference], strict=True)
                     ]
                 )
-                se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
-                out[name][f][m] = {"mean": float(d.mean()), "se": se}
+                out[name][f][m] = {"mean": float(d.mean()), "se": standard_error(d)}
     return out
+
+
+def standard_error(values: np.ndarray) -> float | None:
+    """The standard error of the mean of ``values`` (None for fewer than two)."""
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
 
 
 def dominates(

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from camoe.bench.figures import pyplot, save
+from camoe.bench.quality import standard_error
 from camoe.features import FORMATS
 from camoe.settings import Settings
 from camoe.sim.traffic import World
@@ -207,16 +208,12 @@ def summarise(per_seed: list[dict[str, Report]]) -> Report:
             paired = values["ece"] - unsampled
             entry[f] = {
                 **{m: round(float(v.mean()), 5) for m, v in values.items()},
-                **{f"{m}_se": round(_se(v), 5) for m, v in values.items()},
+                **{f"{m}_se": round(standard_error(v) or 0.0, 5) for m, v in values.items()},
                 "ece_minus_unsampled": round(float(paired.mean()), 5),
-                "ece_minus_unsampled_se": round(_se(paired), 5),
+                "ece_minus_unsampled_se": round(standard_error(paired) or 0.0, 5),
             }
         summary[arm] = entry
     return summary
-
-
-def _se(values: np.ndarray) -> float:
-    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 def run(

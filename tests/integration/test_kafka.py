@@ -39,6 +39,14 @@ def read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 20.0)
     return values
 
 
+def fresh_topics(bootstrap: str) -> tuple[str, str, str, str]:
+    """(suffix, input, output, dead-letter topic), the topics created for one test."""
+    suffix = uuid.uuid4().hex[:8]
+    topics = (f"in-{suffix}", f"out-{suffix}", f"dlq-{suffix}")
+    create_topics(bootstrap, [TopicSpec(name=t) for t in topics])
+    return (suffix, *topics)
+
+
 # 3600 s: no commit is due by time, so offsets are committed only when the uncommitted
 # records exceed in_flight_batches full batches, and when the app stops.
 @pytest.mark.parametrize("commit_interval_s", [0.0, 3600.0])
@@ -101,9 +109,7 @@ def test_passthrough_app_delivers_everything_and_dead_letters_garbage(services, 
 
 def test_batch_interval_gathers_in_the_broker_and_never_holds_a_backlog(services):
     _, endpoints = services
-    suffix = uuid.uuid4().hex[:8]
-    source, sink, dlq = f"in-{suffix}", f"out-{suffix}", f"dlq-{suffix}"
-    create_topics(endpoints.kafka, [TopicSpec(name=t) for t in (source, sink, dlq)])
+    suffix, source, sink, dlq = fresh_topics(endpoints.kafka)
     producer = Producer({"bootstrap.servers": endpoints.kafka, "linger.ms": 0})
 
     def send(ids: range) -> None:
@@ -219,9 +225,7 @@ def test_outputs_refused_by_a_full_local_queue_are_queued_again_in_order(service
 
 def test_metrics_count_the_records_and_show_the_lag_of_a_backlog(services):
     _, endpoints = services
-    suffix = uuid.uuid4().hex[:8]
-    source, sink, dlq = f"in-{suffix}", f"out-{suffix}", f"dlq-{suffix}"
-    create_topics(endpoints.kafka, [TopicSpec(name=t) for t in (source, sink, dlq)])
+    suffix, source, sink, dlq = fresh_topics(endpoints.kafka)
     producer = Producer({"bootstrap.servers": endpoints.kafka, "linger.ms": 5})
     backlog = 3000
     for i in range(backlog):
