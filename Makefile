@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   runs the whole loop for a few minutes and prints a summary
+#   make demo   runs the whole loop for a few minutes, prints a summary, draws out/demo.png
 #   make test   runs the test suite
 # `make setup` alone installs what both need; every step is skipped when already done.
 

@@ -81,14 +81,14 @@ def _app(
 
 def _serve_metrics(app: StreamApp, options: StreamSettings) -> None:
     if options.metrics_port is not None:
-        serve(app.registry, options.metrics_port)
+        serve(app.registry, options.metrics_port, options.metrics_address)
 
 
 def run_scoring(settings: Settings, stop: Event) -> None:
     needed = ("kafka", "triton") + (("redis",) if settings.feast.online_store == "redis" else ())
     endpoints = endpoints_for(settings, *needed)
     features = OnlineFeatures(
-        open_store(settings.feast, endpoints.redis),
+        open_store(settings.feast, endpoints.redis, settings.redis),
         settings.feast.feature_service,
         cache_s=settings.scoring.feature_cache_s,
     )
@@ -127,7 +127,7 @@ def run_labeler(settings: Settings, stop: Event) -> None:
             "feature_log, ad_clicks and labeler_state need one partition count: "
             "the labeler's state is kept per input partition"
         )
-    store = open_store(settings.feast, endpoints.redis)
+    store = open_store(settings.feast, endpoints.redis, settings.redis)
     app = _app(
         settings,
         "labeler",
@@ -185,6 +185,7 @@ def run_trainer(settings: Settings, stop: Event) -> None:
             settings.triton.model_repo,
             settings.triton.model_name,
             client,
+            keep=t.keep_versions,
             staging=settings.triton.staging_dir,
         ),
         t.checkpoint_dir / "trainer.pt",

@@ -6,6 +6,8 @@ camoe score | label | train    run one component until stopped (SIGTERM / Ctrl-C
 camoe score --workers N        N scoring processes in one consumer group
 camoe demo [--duration S]      the whole loop for a bounded time, with a summary
 camoe top --port P             live view of a scorer's metrics
+camoe models list|rollback|pin N|resume
+                               the served model's versions; serve an older one until resume
 camoe bench NAME --out DIR     quality | scoring | freshness | loop | sampling: print and save
                                figures
 """
@@ -58,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         "--port", type=int, required=True, help="the scorer's scoring.metrics_port on 127.0.0.1"
     )
     top.add_argument("--every", type=float, default=2.0, help="seconds between refreshes")
+    models = commands.add_parser(
+        "models", help="the served model's versions: list, rollback, pin N, resume"
+    )
+    models.add_argument("action", choices=["list", "rollback", "pin", "resume"])
+    models.add_argument("version", type=int, nargs="?", help="pin: the version to serve")
+    models.add_argument("--json", action="store_true", help="list: one JSON document")
     bench = commands.add_parser("bench", help="benchmarks that print and save figures")
     bench.add_argument("name", choices=["quality", "scoring", "freshness", "loop", "sampling"])
     bench.add_argument("--out", type=Path, required=True, help="folder for results and plots")
@@ -110,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--duration", type=float, default=None, help="seconds of traffic")
     demo.add_argument("--out", type=Path, default=Path("out/demo.json"))
     args = parser.parse_args(argv)
+    if args.command == "models" and args.action == "pin" and args.version is None:
+        parser.error("`models pin` takes the version to serve: camoe models pin N")
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -168,6 +178,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         ]
         run(settings, _stop_event())
         return 0
+    if args.command == "models":
+        return _models(args, settings, Stack(settings).endpoints().triton)
     if args.command == "top":
         from consumers.top import watch
 
@@ -250,7 +262,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 0
     if args.command == "demo":
-        from camoe.bench.freshness import reporter, summary_lines
+        from camoe.bench.freshness import demo_plot, reporter, summary_lines
         from camoe.sim.loop import demo_settings, print_summary, run_loop
 
         settings = demo_settings(settings)
@@ -267,13 +279,69 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             progress=lambda line: print(line, flush=True),
             report=reporter(window_s=30.0),
         )
-        loop = summary.pop("loop")
+        report = summary.pop("loop")
+        latency = summary.pop("latency_windows")
         print_summary(summary, args.out)
         print("\nthe online loop")
-        for line in summary_lines(loop):
+        for line in summary_lines(report):
             print(f"  {line}")
+        picture = demo_plot(report, latency, args.out.with_suffix(".png"))
+        print(f"  a picture of the run: {picture}")
         return 0 if not summary["component_failures"] else 1
     raise AssertionError(args.command)
+
+
+def _models(args: argparse.Namespace, settings: Settings, triton_url: str | None) -> int:
+    import json
+
+    from camoe.clients.triton import InferenceServerException, TritonClient
+    from trainer.versions import ModelVersions, VersionsError, table
+
+    if triton_url is None:
+        print(
+            "camoe: no Triton to talk to: start the stack (`camoe stack up`) or point TRITON_URL "
+            "at the server that serves the model repository",
+            file=sys.stderr,
+        )
+        return 1
+    client = TritonClient(triton_url, settings.triton.model_name, settings.triton.timeout_s)
+    try:
+        versions = ModelVersions(settings.triton.model_repo, settings.triton.model_name, client)
+        if args.action == "list":
+            states, pin = versions.list(), versions.pin
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "pin": None if pin is None else pin.__dict__,
+                            "versions": [s.__dict__ for s in states],
+                        },
+                        indent=2,
+                    )
+                )
+            else:
+                print("\n".join(table(states, pin)))
+        elif args.action == "resume":
+            lifted = versions.resume()
+            serving = versions.serving()
+            print("nothing was pinned" if lifted is None else f"lifted the pin on {lifted.version}")
+            print(f"serving version {serving}; the trainer publishes at its next turn")
+        else:
+            pin = (
+                versions.rollback()
+                if args.action == "rollback"
+                else versions.pin_version(args.version)
+            )
+            print(
+                f"serving version {pin.version} alone; the trainer publishes nothing until "
+                "`camoe models resume`"
+            )
+    except (VersionsError, InferenceServerException) as error:
+        print(f"camoe: {error}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -88,7 +88,39 @@ class TritonSettings(Section):
 
 
 class RedisSettings(Section):
+    """Where Feast's Redis online store is, and the ACL user it is reached as."""
+
     url: str | None = Field(default=None, description="redis://host:port; unset starts one.")
+    username: str | None = Field(
+        default=None,
+        description="ACL user of the online store and the fast reader; the stack's Redis "
+        "then starts with only this user enabled.",
+    )
+    password: SecretStr | None = Field(
+        default=None, description="the user's password (CAMOE_REDIS__PASSWORD); never logged."
+    )
+    password_file: Path | None = Field(
+        default=None, description="a file holding the password, instead of ``password``."
+    )
+
+    @model_validator(mode="after")
+    def _one_password(self) -> RedisSettings:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("redis: set password or password_file, not both")
+        if self.username is not None and self.password is None and self.password_file is None:
+            raise ValueError(f"redis.username is {self.username!r} but no password is set")
+        return self
+
+    def secret(self) -> str | None:
+        """The password, read from ``password_file`` when that is set."""
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as error:
+                raise ValueError(
+                    f"redis.password_file: cannot read {self.password_file}: {error.strerror}"
+                ) from None
+        return None if self.password is None else self.password.get_secret_value()
 
 
 class FeastSettings(Section):
@@ -190,7 +222,13 @@ class StreamSettings(Section):
     )
     metrics_port: int | None = Field(
         default=None,
-        description="Prometheus /metrics on 127.0.0.1 at this port (0: any free port; unset: none)",
+        description="Prometheus /metrics at this port of metrics_address (0: any free port; "
+        "unset: none)",
+    )
+    metrics_address: str = Field(
+        default="127.0.0.1",
+        description="the address /metrics binds: loopback, unless Prometheus scrapes from "
+        "another host or container (0.0.0.0 in docker-compose.yml, on its own network)",
     )
 
 
@@ -331,6 +369,12 @@ class TrainerSettings(StreamSettings):
     )
     prequential_window: int = Field(
         default=5_000, description="recent events the live AUC-PR, logloss and ECE cover"
+    )
+    keep_versions: int = Field(
+        default=5,
+        ge=2,
+        description="versions kept on disk, for `camoe models rollback` and `pin` (Triton "
+        "loads the newest two)",
     )
 
 

@@ -15,10 +15,15 @@
 4. Triton loads it (loads are serialised by a lock) and it is warmed up with the check
    batch; a failed load removes the version folder and reloads, so the previous version
    keeps serving.
+
+While an operator has pinned a version (trainer/versions.py), nothing is published: a
+publish raises PublishHeld before it starts, or, pinned meanwhile, removes its version
+before loading it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import shutil
@@ -29,6 +34,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -37,6 +43,7 @@ from torch import nn
 
 from camoe.clients.triton import InferenceServerException, TritonClient
 from trainer.model import ServingModel
+from trainer.versions import RECORD, Pin, load_served, read_pin, serving_lock, versions, write_json
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,17 @@ Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # categorical, numeric, forma
 
 class PublishError(Exception):
     """A version was rejected (export, load or parity failed); the previous one serves."""
+
+
+class PublishHeld(PublishError):
+    """An operator's pin holds publishing (``camoe models resume`` lifts it)."""
+
+    def __init__(self, pin: Pin) -> None:
+        super().__init__(
+            f"publishing is held: an operator pinned version {pin.version} ({pin.reason}); "
+            "`camoe models resume` lets new versions serve"
+        )
+        self.pin = pin
 
 
 def export_onnx(model: nn.Module, path: Path, n_categorical: int, n_numeric: int) -> None:
@@ -98,10 +116,6 @@ def _check_parity(where: str, served: np.ndarray, expected: np.ndarray) -> None:
         raise PublishError(f"parity check failed: max |{where} - torch| = {gap:.2e}")
 
 
-def versions(model_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-
-
 def default_staging(model_repo: Path) -> Path:
     """Where versions are staged unless configured: ``.<repo>-staging`` beside the
     repository, so outside what Triton serves and, in practice, on its filesystem."""
@@ -140,10 +154,10 @@ class Publisher:
         # Left by a publisher that died before its rename; one publisher per model.
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True)
-        if self.staging.stat().st_dev != Path(model_repo).stat().st_dev:
+        if self.staging.stat().st_dev != self.model_dir.stat().st_dev:
             raise PublishError(
                 f"the staging folder {self.staging} is on another filesystem than the model "
-                f"repository {model_repo}, so versions cannot be renamed into place "
+                f"folder {self.model_dir}, so versions cannot be renamed into place "
                 "atomically: set triton.staging_dir to a folder on the repository's filesystem"
             )
 
@@ -151,13 +165,18 @@ class Publisher:
         existing = versions(self.model_dir)
         return (existing[-1] + 1) if existing else 1
 
-    def publish(self, model: nn.Module, check: Batch) -> int:
+    def publish(self, model: nn.Module, check: Batch, record: dict[str, Any] | None = None) -> int:
         """Exports ``model`` as the next version and makes Triton serve it.
 
-        ``check`` is a (categorical, numeric, format) batch for warm-up and parity.
+        ``check`` is a (categorical, numeric, format) batch for warm-up and parity;
+        ``record`` what the version's ``version.json`` says of it beside its number and
+        export time (trainer/versions.py).
         """
         self.steps = {}
         started = time.perf_counter()
+        pin = read_pin(self.model_dir)
+        if pin is not None:
+            raise PublishHeld(pin)
         version = self.next_version()
         expected = serving_scores(model, check)
         self.staging.mkdir(parents=True, exist_ok=True)  # removed meanwhile: written again
@@ -166,12 +185,17 @@ class Publisher:
             with self._step("write"):
                 folder.mkdir()
                 self._write(model, folder, check, expected)
+                exported_at_ms = int(time.time() * 1000)
+                record = {"version": version, "exported_at_ms": exported_at_ms, **(record or {})}
+                write_json(folder / RECORD, record)
             if self.client is not None:
                 with self._step("trial"):
                     self._trial(self.client, folder, check, expected)
         except Exception as error:
             shutil.rmtree(folder, ignore_errors=True)
-            raise PublishError(f"version {version} rejected before publishing: {error}") from error
+            raise PublishError(
+                f"version {version} rejected before publishing: {self._why(error)}"
+            ) from error
         target = self.model_dir / str(version)
         with self._step("rename"):
             self._commit(folder, target)
@@ -179,6 +203,9 @@ class Publisher:
             try:
                 with self._step("load"):
                     self._load_and_check(self.client, version, check, expected)
+            except PublishHeld:
+                shutil.rmtree(target, ignore_errors=True)  # never loaded: the pin serves on
+                raise
             except Exception as error:
                 self._roll_back(self.client, target, error)
                 raise PublishError(f"version {version} rejected: {error}") from error
@@ -190,6 +217,14 @@ class Publisher:
             ", ".join(f"{step} {seconds:.2f}s" for step, seconds in self.steps.items()),
         )
         return version
+
+    def _why(self, error: Exception) -> str:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return (
+                f"no space left on the filesystem of {self.model_dir}: free some there (a "
+                "version takes about a megabyte, twice while it is staged and tried)"
+            )
+        return str(error)
 
     @contextmanager
     def _step(self, name: str) -> Iterator[None]:
@@ -245,24 +280,25 @@ class Publisher:
     def _commit(folder: Path, target: Path) -> None:
         folder.rename(target)  # atomic: Triton sees all of the version or none of it
 
-    @staticmethod
     def _load_and_check(
-        client: TritonClient, version: int, check: Batch, expected: np.ndarray
+        self, client: TritonClient, version: int, check: Batch, expected: np.ndarray
     ) -> None:
-        with _LOAD_LOCK:
+        with serving_lock(self.model_dir), _LOAD_LOCK:
+            pin = read_pin(self.model_dir)  # pinned since the publish began
+            if pin is not None:
+                raise PublishHeld(pin)
             client.load()
         if version not in client.ready_versions():
             raise PublishError(f"Triton did not make version {version} ready")
         served, _ = client.infer(*check, version=version)  # also warms the new instance up
         _check_parity("triton", served, expected)
 
-    @staticmethod
-    def _roll_back(client: TritonClient, target: Path, error: Exception) -> None:
-        """Removes the version and reloads, so the previous versions serve."""
+    def _roll_back(self, client: TritonClient, target: Path, error: Exception) -> None:
+        """Removes the version and reloads, so the previous versions (or a pin) serve."""
         try:
             shutil.rmtree(target)
-            with _LOAD_LOCK:
-                client.load()
+            with serving_lock(self.model_dir), _LOAD_LOCK:
+                load_served(client, self.model_dir)
         except Exception as failure:
             raise PublishError(
                 f"version {target.name} failed ({error}) and so did its roll-back ({failure}): "

@@ -22,6 +22,7 @@ class Trainer(Protocol):
     events: int
     rejected: int
     version: int
+    pinned: int
     waiting: list[dict[str, Any]]
     ready: list[dict[str, Any]]
 
@@ -105,6 +106,12 @@ class _TrainerCollector(Collector):
             yield family
         for name, text, value in (
             ("served_version", "The version the trainer last published (0: none yet)", t.version),
+            (
+                "pinned_version",
+                "The version an operator pinned (camoe models pin/rollback; 0: none): while "
+                "it is pinned the trainer publishes nothing",
+                t.pinned,
+            ),
             ("minibatch_size", "Rows per optimiser step", t.t.online_batch_size),
             (
                 "buffered_events",

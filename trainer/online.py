@@ -17,7 +17,9 @@ candidate. It must have finite weights and a held-out logloss no worse than the 
 version's (within ``gate_tolerance``); the released events short of a mini-batch are
 trained first, so a version has learned all it could. Then the Publisher writes, loads and checks it
 (trainer/export.py). A rejected candidate is not published; a non-finite one is also
-replaced by the serving weights so training goes on from a sound model.
+replaced by the serving weights so training goes on from a sound model. While an operator
+has pinned a version (``camoe models``, trainer/versions.py) the turns publish nothing:
+training goes on, and the pin is put back if Triton has restarted without it.
 
 Delivery guarantee: each labelled event is trained into the model's lineage exactly once.
 The checkpoint holds the weights (the trainer's and the served version's), the optimiser
@@ -63,11 +65,12 @@ from torch import nn
 from camoe.features import format_index
 from camoe.settings import Settings
 from camoe.streaming.app import BatchResult, Output, Record
-from trainer.export import Batch, Publisher, PublishError
+from trainer.export import Batch, Publisher, PublishError, PublishHeld
 from trainer.metrics import per_format
 from trainer.model import fake_negative_weights, masked_bce, observed_pctr, select_task
 from trainer.monitoring import TrainerMetrics
 from trainer.train import to_tensors
+from trainer.versions import pin_holds
 
 log = logging.getLogger(__name__)
 CHECK_ROWS = 64  # rows of the last trained batch a candidate is checked on in Triton
@@ -323,6 +326,7 @@ class IncrementalTrainer:
         self.ready: list[dict[str, Any]] = []  # released for training, short of a mini-batch
         self.closed_ms = 0  # the most recent impression time whose negatives have arrived
         self.rejected = 0
+        self.pinned = 0  # the version an operator pinned (0: none): nothing is published
         self.announcement: dict[str, Any] | None = None  # the last version's model-update
         self._announce_again = False
         if resume is not None:
@@ -484,9 +488,12 @@ class IncrementalTrainer:
         return figures
 
     def _publish(self) -> Output | None:
-        """Gate, publish and announce the current model; None when it was rejected."""
+        """Gate, publish and announce the current model; None when it was rejected or an
+        operator's pin holds publishing."""
         self.last_publish = time.monotonic()
         self.since_publish = 0  # a rejected candidate waits for the next turn of the cadence
+        if self._held():
+            return None
         held = self.held_out.arrays()
         gate = quality_gate(
             self.model, self.serving, Examples(*held) if held else None, self.t.gate_tolerance
@@ -500,8 +507,24 @@ class IncrementalTrainer:
                 self.optimiser = adam(self.model, self.t.online_learning_rate)
             return None
         assert self.check is not None  # a publish follows training
+        quality = self.prequential()
+        metrics = {
+            **quality,
+            "gate_candidate_logloss": gate.candidate_logloss,
+            "gate_serving_logloss": gate.serving_logloss,
+        }
+        record = {
+            "examples_trained": self.examples,
+            "metrics": metrics,
+            "clicks_learned": len(self.learned_clicks),
+            "first_click_ms": min(self.learned_clicks, default=None),
+            "last_click_ms": max(self.learned_clicks, default=None),
+        }
         try:
-            version = self.publisher.publish(self.model, self.check)
+            version = self.publisher.publish(self.model, self.check, record)
+        except PublishHeld:
+            self._held()  # pinned while this publish ran
+            return None
         except PublishError as error:
             self.rejected += 1
             self.metrics.publish_failures.inc()
@@ -511,16 +534,13 @@ class IncrementalTrainer:
             self.metrics.steps(self.publisher.steps)
         self.serving.load_state_dict(self.model.state_dict())
         self.version = version
-        quality = self.prequential()
-        announcement = {
+        announcement: dict[str, Any] = {
             "model_name": self.settings.triton.model_name,
             "version": version,
             "published_at": int(time.time() * 1000),
             "examples_trained": self.examples,
             "metrics": {
-                **quality,
-                "gate_candidate_logloss": gate.candidate_logloss,
-                "gate_serving_logloss": gate.serving_logloss,
+                **metrics,
                 **{f"publish_{step}_s": s for step, s in self.publisher.steps.items()},
             },
             "learned_click_times": self.learned_clicks,
@@ -531,6 +551,21 @@ class IncrementalTrainer:
         self.announcement = announcement
         log.info("published version %d after %d examples (%s)", version, self.examples, gate.reason)
         return Output(self.topic, str(version), announcement)
+
+    def _held(self) -> bool:
+        """Whether an operator's pin holds publishing (logged when that changes)."""
+        pin = pin_holds(self.publisher.client, self.publisher.model_dir)
+        if pin is not None and pin.version != self.pinned:
+            log.warning(
+                "publishing held: an operator pinned version %d (%s); training goes on, "
+                "`camoe models resume` lets new versions serve",
+                pin.version,
+                pin.reason,
+            )
+        elif pin is None and self.pinned:
+            log.info("publishing resumed: the pin on version %d was lifted", self.pinned)
+        self.pinned = pin.version if pin is not None else 0
+        return pin is not None
 
     def _checkpoint(self) -> None:
         """Saves the trainer's whole state at every turn of the cadence, published or not,

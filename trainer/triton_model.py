@@ -25,6 +25,9 @@ class TritonPythonModel:
         self.output = config["output"][0]["name"]
         self.output_dtype = pb_utils.triton_string_to_numpy(config["output"][0]["data_type"])
         model_file = config["parameters"]["model_file"]["string_value"]
+        # The towers, in index order: a format index outside them has no tower (the graph
+        # would fail on one above and wrap one below zero to another format's).
+        self.formats = config["parameters"]["formats"]["string_value"].split(",")
         path = os.path.join(args["model_repository"], args["model_version"], model_file)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1  # Triton schedules instances; keep each on one core
@@ -39,8 +42,7 @@ class TritonPythonModel:
             tensors = [
                 pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
             ]
-            numeric = tensors[self.inputs.index("numeric")]
-            errors.append(None if np.isfinite(numeric).all() else "numeric input has NaN or inf")
+            errors.append(self._problem(dict(zip(self.inputs, tensors, strict=True))))
             arrays.append(tensors)
         good = [a for a, e in zip(arrays, errors, strict=True) if e is None]
         outputs = []
@@ -59,3 +61,14 @@ class TritonPythonModel:
             else:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(error)))
         return responses
+
+    def _problem(self, tensors):
+        """What makes a request's inputs unusable, in one line; None when they are fine."""
+        if not np.isfinite(tensors["numeric"]).all():
+            return "numeric input has NaN or inf"
+        fmt = tensors["format"]
+        outside = fmt[(fmt < 0) | (fmt >= len(self.formats))]
+        if len(outside):
+            known = ", ".join(f"{i} {name}" for i, name in enumerate(self.formats))
+            return f"format index {int(outside[0])} is out of range: the model has {known}"
+        return None

@@ -93,6 +93,11 @@ def analyse(record: LoopRecord, frozen: Any, window_s: float, holdout_every: int
             for e in record.impressions
         ),
     }
+    if record.impressions and record.updates:  # when each version was published
+        start_ms = min(e["impression"]["event_time"] for e in record.impressions)
+        report["published_s"] = [
+            round((u["published_at"] - start_ms) / 1000, 2) for u in record.updates
+        ]
     if len(record.updates) >= 2:  # the trainer's rate between its first and last version
         first, last = record.updates[0], record.updates[-1]
         seconds = max((last["published_at"] - first["published_at"]) / 1000, 1e-9)
@@ -163,7 +168,7 @@ def evaluate_latest(
     rng = np.random.default_rng(settings.simulator.seed + 1)
     batch = [world.request(rng, 0) for _ in range(requests)]
     reader = OnlineFeatures(
-        open_store(settings.feast, endpoints.redis), settings.feast.feature_service
+        open_store(settings.feast, endpoints.redis, settings.redis), settings.feast.feature_service
     )
     users, ads = reader.read(
         (r["user_id"] for r in batch), (c["ad_id"] for r in batch for c in r["candidates"])
@@ -274,6 +279,73 @@ def plot(report: Report, out: Path) -> list[Path]:
         fig.tight_layout()
         written.append(save(fig, out / "auc_pr_over_time.png"))
     return written
+
+
+def demo_plot(report: Report, latency: list[dict[str, float]], path: Path) -> Path:
+    """One picture of a demo run: served AUC-PR per format over time against the frozen
+    model (each version's publish marked), freshness, latency over time, and online vs
+    frozen at the end against the simulator's own probabilities."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    windows = report.get("windows", [])
+    for ax, name in zip(axes[0], FORMATS, strict=True):
+        for when in report.get("published_s", []):
+            ax.axvline(when, color="lightgrey", linewidth=0.6, zorder=0)
+        for kind, color in (("online", "seagreen"), ("frozen", "grey")):
+            ax.plot(
+                [w["start_s"] for w in windows],
+                [w[name][f"{kind}_auc_pr"] for w in windows],
+                marker="o",
+                color=color,
+                label=f"{kind} model",
+            )
+        ax.set_title(f"{name}: AUC-PR of served impressions")
+        ax.set_xlabel("seconds into the run (grey: a version published)")
+    axes[0][0].legend()
+    samples = np.asarray(report.get("freshness_samples_s", []))
+    ax = axes[1][0]
+    if len(samples):
+        ax.hist(samples, bins=40, color="steelblue")
+        for q, style in ((50, "-"), (95, "--")):
+            value = float(np.percentile(samples, q))
+            ax.axvline(value, color="crimson", linestyle=style, label=f"p{q} {value:.1f} s")
+        ax.legend()
+    ax.set_title("Freshness: click to a served version that learned it")
+    ax.set_xlabel("seconds")
+    ax = axes[1][1]
+    for key, style in (("p50_ms", "-"), ("p99_ms", "--")):
+        ax.plot(
+            [w["start_s"] for w in latency],
+            [w[key] for w in latency],
+            linestyle=style,
+            color="darkorange",
+            label=key.split("_")[0],
+        )
+    ax.set_title("Scoring latency, request produced to scores read")
+    ax.set_xlabel("seconds into the run")
+    ax.set_ylabel("ms")
+    ax.legend()
+    ax = axes[1][2]
+    latest = report.get("latest")
+    if latest:
+        x = np.arange(len(FORMATS))
+        for offset, (kind, color) in enumerate(
+            (("online", "seagreen"), ("frozen", "grey"), ("true", "black"))
+        ):
+            ax.bar(
+                x + (offset - 1) * 0.27,
+                [latest[name][f"{kind}_auc_pr"] for name in FORMATS],
+                width=0.27,
+                color=color,
+                label="the true probabilities" if kind == "true" else f"{kind} model",
+            )
+        ax.set_xticks(x, FORMATS)
+        top = max(latest[name]["true_auc_pr"] for name in FORMATS)
+        ax.set_ylim(0, 1.35 * top)  # room for the legend above the bars
+        ax.legend(loc="upper left", fontsize="small", ncols=3)
+    ax.set_title("At the end: AUC-PR vs the true click probabilities")
+    fig.tight_layout()
+    return save(fig, path)
 
 
 def reporter(

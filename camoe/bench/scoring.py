@@ -500,7 +500,9 @@ def redis_floor(
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
 
-    client = redis.Redis.from_url(settings.redis.url or "")
+    client = redis.Redis.from_url(
+        settings.redis.url or "", username=settings.redis.username, password=settings.redis.secret()
+    )
     service = store.get_feature_service(settings.feast.feature_service)
     views: dict[str, list[tuple[str, list[bytes]]]] = {"user_id": [], "ad_id": []}
     for projection in service.feature_view_projections:
@@ -621,7 +623,7 @@ def run(
         forward = forward_floor(s, world, backlog[:5000], batch)
         from camoe.clients.feature_store import open_store
 
-        store = open_store(s.feast, endpoints.redis)
+        store = open_store(s.feast, endpoints.redis, s.redis)
         redis_read = redis_floor(s, store, backlog[:5000], batch)
         per_request = candidates / requests
         pipeline_candidates = saturation * per_request

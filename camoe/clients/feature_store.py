@@ -18,19 +18,62 @@ from typing import Any
 from urllib.parse import urlparse
 
 from camoe.features import AD_COUNTERS, AD_PROFILE, USER_COUNTERS, USER_PROFILE
-from camoe.settings import FeastSettings
+from camoe.settings import FeastSettings, RedisSettings
 
 log = logging.getLogger(__name__)
 
 
-def redis_connection_string(url: str) -> str:
-    """``redis://host:port/0`` -> Feast's ``host:port``."""
+def redis_connection_string(url: str, credentials: RedisSettings | None = None) -> str:
+    """``redis://host:port/0`` and the ACL user -> Feast's ``host:port[,username=..]``."""
     parsed = urlparse(url if "://" in url else f"redis://{url}")
-    return f"{parsed.hostname}:{parsed.port or 6379}"
+    parts = [f"{parsed.hostname}:{parsed.port or 6379}"]
+    password = credentials.secret() if credentials else None
+    if password is not None:
+        if "," in password or "=" in password:
+            raise ValueError("redis.password: Feast's connection string cannot hold ',' or '='")
+        if credentials and credentials.username:
+            parts.append(f"username={credentials.username}")
+        parts.append(f"password={password}")
+    return ",".join(parts)
 
 
-def open_store(settings: FeastSettings, redis_url: str | None = None) -> Any:
-    """A FeatureStore over ``settings.repo_path`` with the chosen online store."""
+def check_redis(url: str, credentials: RedisSettings | None = None) -> None:
+    """Raises ValueError, in one line naming the setting to fix, when Redis at ``url`` is
+    unreachable or refuses the configured user (the password is never shown)."""
+    import redis
+
+    address = redis_connection_string(url).split(",")[0]
+    password = credentials.secret() if credentials else None
+    client = redis.Redis.from_url(
+        url if "://" in url else f"redis://{url}",
+        username=credentials.username if credentials else None,
+        password=password,
+        socket_timeout=5.0,
+    )
+    try:
+        client.ping()
+    except redis.AuthenticationError as error:
+        if password is None:
+            raise ValueError(
+                f"Redis at {address} needs a password: set redis.username and redis.password"
+            ) from None
+        raise ValueError(
+            f"Redis at {address} refused the credentials ({error}): "
+            "check redis.username and redis.password"
+        ) from None
+    except redis.ConnectionError as error:
+        raise ValueError(
+            f"Redis at {address} is not reachable ({error}): start it or check REDIS_URL"
+        ) from None
+    finally:
+        client.close()
+
+
+def open_store(
+    settings: FeastSettings, redis_url: str | None = None, credentials: RedisSettings | None = None
+) -> Any:
+    """A FeatureStore over ``settings.repo_path`` with the chosen online store; with Redis,
+    reached as ``credentials``' ACL user (checked first, so a wrong password is one line)."""
     from feast import FeatureStore
     from feast.repo_config import RepoConfig
 
@@ -43,9 +86,10 @@ def open_store(settings: FeastSettings, redis_url: str | None = None) -> Any:
                 "feast.online_store is redis but no Redis URL: start the stack "
                 "(`camoe stack up`) or set REDIS_URL"
             )
+        check_redis(redis_url, credentials)
         online: dict[str, Any] = {
             "type": "redis",
-            "connection_string": redis_connection_string(redis_url),
+            "connection_string": redis_connection_string(redis_url, credentials),
         }
     else:
         online = {"type": "sqlite", "path": str(data / "online_store.db")}

@@ -7,20 +7,111 @@ benchmarks is configured here, so a setting that must hold everywhere is set onc
   and read only committed records (``isolation.level=read_committed``), so the records
   of an aborted transaction are never seen;
 - producers are idempotent and wait for every in-sync replica (``acks=all``); with a
-  ``transactional_id`` they write exactly-once.
+  ``transactional_id`` they write exactly-once;
+- every client logs through Python logging, one line per change of its connection to
+  the cluster ("broker unreachable, retrying", "broker back after N s": ``BrokerWatch``)
+  instead of one per connection attempt, and librdkafka's own log (the ``librdkafka``
+  logger) at most once a minute per kind of line (``RateLimit``).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from camoe.settings import TopicSpec
+
+log = logging.getLogger(__name__)
+# librdkafka's log lines (logged when the client is polled), rate-limited per kind.
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
+# Errors that say the client cannot reach the cluster; librdkafka retries them itself.
+UNREACHABLE = {
+    KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._RESOLVE,
+    KafkaError._TIMED_OUT,
+}
+
+
+class RateLimit(logging.Filter):
+    """Lets one record of each kind through per ``interval_s``; the next one let through
+    says how many were held back. A kind is the logger's first word of the message (the
+    librdkafka facility, e.g. FAIL) and the client's name."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._last: dict[tuple[str, ...], float] = {}
+        self._held: dict[tuple[str, ...], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        words = record.getMessage().split(" ", 2)
+        kind = tuple(words[:2])
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.interval_s) < self.interval_s:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return False
+        self._last[kind] = now
+        held = self._held.pop(kind, 0)
+        if held:
+            record.msg = f"{record.getMessage()} ({held} more like it held back)"
+            record.args = None
+        return True
+
+
+LIBRDKAFKA_LOG.addFilter(RateLimit())
+
+
+class BrokerWatch:
+    """A client's connection to the cluster as state changes, logged once each.
+
+    librdkafka reports every failed connection attempt (``error_cb``) and retries on its
+    own; this logs the first as "broker unreachable, retrying", and when its statistics
+    (``stats_cb``, every ``STATS_INTERVAL_MS``) show a broker up again, "broker back
+    after N s". Other errors are logged as warnings (fatal ones as errors); the clients
+    raise fatal errors themselves where they are used.
+    """
+
+    STATS_INTERVAL_MS = 1000
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.down_since: float | None = None
+        self.outages = 0  # times the cluster became unreachable
+
+    def config(self) -> dict[str, Any]:
+        """The client configuration keys that route its reports here."""
+        return {
+            "logger": LIBRDKAFKA_LOG,
+            "error_cb": self.on_error,
+            "stats_cb": self.on_stats,
+            "statistics.interval.ms": self.STATS_INTERVAL_MS,
+        }
+
+    def on_error(self, error: KafkaError) -> None:
+        if error.code() in UNREACHABLE:
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                self.outages += 1
+                log.warning("%s: broker unreachable (%s), retrying", self.name, error.str())
+            return
+        log.log(logging.ERROR if error.fatal() else logging.WARNING, "%s: %s", self.name, error)
+
+    def on_stats(self, stats: str) -> None:
+        if self.down_since is None:
+            return
+        brokers = json.loads(stats).get("brokers", {}).values()
+        if any(b.get("state") == "UP" and b.get("nodeid", -1) >= 0 for b in brokers):
+            down_s = time.monotonic() - self.down_since
+            self.down_since = None
+            log.info("%s: broker back after %.0f s", self.name, down_s)
 
 
 def consumer_config(bootstrap: str, group_id: str, **extra: Any) -> dict[str, Any]:
@@ -32,6 +123,7 @@ def consumer_config(bootstrap: str, group_id: str, **extra: Any) -> dict[str, An
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
+        **BrokerWatch(f"consumer {group_id}").config(),
         **extra,
     }
 
@@ -46,6 +138,7 @@ def producer_config(
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": linger_ms,
+        **BrokerWatch(f"producer {transactional_id or ''}".rstrip()).config(),
         **extra,
     }
     if transactional_id is not None:
@@ -55,13 +148,15 @@ def producer_config(
 
 def admin(bootstrap: str) -> AdminClient:
     """An admin client that logs only errors (it is short-lived and often retried)."""
-    return AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
+    return AdminClient({"bootstrap.servers": bootstrap, "log_level": 4, "logger": LIBRDKAFKA_LOG})
 
 
 def create_topics(bootstrap: str, topics: list[TopicSpec], timeout_s: float = 30.0) -> None:
-    """Creates the topics that do not exist yet (idempotent)."""
+    """Creates the topics that do not exist yet (idempotent). A broker that cannot be
+    reached is waited for until ``timeout_s``: one that has just started may still drop
+    its first connections."""
     client = admin(bootstrap)
-    existing = set(client.list_topics(timeout=timeout_s).topics)
+    existing = set(_metadata(client, timeout_s).topics)
     new = [
         NewTopic(
             t.name,
@@ -82,10 +177,23 @@ def create_topics(bootstrap: str, topics: list[TopicSpec], timeout_s: float = 30
                 raise RuntimeError(f"could not create topic {name}: {error}") from None
 
 
+def _metadata(client: AdminClient, timeout_s: float) -> Any:
+    """The cluster's metadata, asked again while the cluster is unreachable."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.list_topics(timeout=max(deadline - time.monotonic(), 1.0))
+        except KafkaException as error:
+            code = error.args[0].code() if isinstance(error.args[0], KafkaError) else None
+            if code not in UNREACHABLE or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+
+
 def cluster_id(bootstrap: str, timeout_s: float = 10.0) -> str | None:
     """The cluster's id: a checkpoint's offsets are only valid on the cluster that gave them."""
     client = admin(bootstrap)
-    return client.list_topics(timeout=timeout_s).cluster_id
+    return _metadata(client, timeout_s).cluster_id
 
 
 def group_members(bootstrap: str, group_id: str, timeout_s: float = 5.0) -> int:

@@ -3,7 +3,9 @@ explicit loads and version queries."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -35,20 +37,35 @@ class TritonClient:
     def live(self) -> bool:
         return bool(self._client.is_server_live(client_timeout=1.0))
 
-    def load(self) -> None:
-        """Loads (or reloads) the model: Triton re-reads its versions per version_policy."""
-        self._client.load_model(self.model, client_timeout=120.0)
+    def load(self, config: dict[str, Any] | None = None) -> None:
+        """Loads (or reloads) the model: Triton re-reads its versions per version_policy.
+
+        ``config`` (a whole model configuration, as ``config()`` returns it) replaces
+        config.pbtxt for this load; the next load without one reads config.pbtxt again.
+        """
+        self._client.load_model(
+            self.model, config=None if config is None else json.dumps(config), client_timeout=120.0
+        )
+
+    def config(self) -> dict[str, Any]:
+        """The configuration Triton serves the model with."""
+        return dict(self._client.get_model_config(self.model, as_json=True)["config"])
 
     def unload(self) -> None:
         self._client.unload_model(self.model, client_timeout=120.0)
 
-    def ready_versions(self) -> list[int]:
+    def version_states(self) -> dict[int, str]:
+        """Every version of the model Triton knows of, with its state (READY, UNAVAILABLE,
+        LOADING, UNLOADING)."""
         index = self._client.get_model_repository_index(as_json=True).get("models", [])
-        return sorted(
-            int(m["version"])
+        return {
+            int(m["version"]): m.get("state", "")
             for m in index
-            if m.get("name") == self.model and m.get("state") == "READY" and m.get("version")
-        )
+            if m.get("name") == self.model and m.get("version")
+        }
+
+    def ready_versions(self) -> list[int]:
+        return sorted(v for v, state in self.version_states().items() if state == "READY")
 
     def infer(
         self,

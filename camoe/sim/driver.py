@@ -39,6 +39,20 @@ class TrafficStats:
     positives: int = 0
     versions: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
+    answered_s: list[float] = field(default_factory=list)  # when each score came, from start
+
+    def latency_windows(self, window_s: float = 10.0) -> list[dict[str, float]]:
+        """Latency p50 and p99 of the scores received in each ``window_s`` of the run."""
+        at, lat = np.asarray(self.answered_s), np.asarray(self.latencies_ms)
+        windows = []
+        for start in np.arange(0.0, at.max(initial=0.0) + 1e-9, window_s):
+            rows = lat[(at >= start) & (at < start + window_s)]
+            if len(rows):
+                p50, p99 = np.percentile(rows, [50, 99])
+                windows.append(
+                    {"start_s": float(start), "p50_ms": round(p50, 2), "p99_ms": round(p99, 2)}
+                )
+        return windows
 
     def summary(self) -> dict[str, Any]:
         elapsed = time.monotonic() - self.started
@@ -145,7 +159,9 @@ class TrafficDriver:
             return
         sent_at, request = sent
         self.stats.scored += 1
-        self.stats.latencies_ms.append((time.monotonic() - sent_at) * 1000)
+        now = time.monotonic()
+        self.stats.latencies_ms.append((now - sent_at) * 1000)
+        self.stats.answered_s.append(now - self.stats.started)
         self.stats.versions[scores["model_version"]] += 1
         winner = scores["winner_ad_id"]
         hours = (time.monotonic() - self.stats.started) / 3600

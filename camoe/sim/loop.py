@@ -21,8 +21,9 @@ from camoe.sim.driver import TrafficDriver, TrafficStats
 from camoe.sim.traffic import World
 from camoe.stack.stack import Endpoints, Stack
 from camoe.supervisor import components
-from trainer.export import Publisher, versions
+from trainer.export import Publisher
 from trainer.train import load_model, pretrain, save_model
+from trainer.versions import PIN, load_served, serving_lock, versions
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def prepare(settings: Settings, endpoints: Endpoints, fresh: bool = False) -> No
     world = World(settings.simulator)
     repo = Path(settings.feast.repo_path)
     world.write_offline_data(repo / "data")
-    apply_and_materialize(open_store(settings.feast, endpoints.redis))
+    apply_and_materialize(open_store(settings.feast, endpoints.redis, settings.redis))
     model_dir = Path(settings.triton.model_repo) / settings.triton.model_name
     checkpoint = settings.trainer.checkpoint_dir / "model.pt"
     client = (
@@ -52,10 +53,12 @@ def prepare(settings: Settings, endpoints: Endpoints, fresh: bool = False) -> No
     if fresh:
         for version in versions(model_dir):
             shutil.rmtree(model_dir / str(version))
+        (model_dir / PIN).unlink(missing_ok=True)
         (settings.trainer.checkpoint_dir / "trainer.pt").unlink(missing_ok=True)
     elif versions(model_dir) and load_model(settings, checkpoint) is not None:
         if client is not None:
-            client.load()
+            with serving_lock(model_dir):
+                load_served(client, model_dir)
         return
     log.info(
         "training version 1 offline on %d simulated requests", settings.trainer.pretrain_requests
@@ -70,9 +73,12 @@ def prepare(settings: Settings, endpoints: Endpoints, fresh: bool = False) -> No
         settings.triton.model_repo,
         settings.triton.model_name,
         client,
+        keep=settings.trainer.keep_versions,
         staging=settings.triton.staging_dir,
     )
-    version = publisher.publish(model, check)
+    version = publisher.publish(
+        model, check, {"examples_trained": len(history["label"]), "source": "offline pretraining"}
+    )
     log.info("published version %d", version)
 
 
@@ -132,7 +138,8 @@ def run_loop(
     watch: Watch | None = None,
 ) -> dict[str, Any]:
     """The whole loop for a bounded time on the stack, on topics of its own and from a
-    fresh version 1; returns the driver's summary, with ``report``'s result under
+    fresh version 1; returns the driver's summary (with its latency per 10 s window under
+    ``latency_windows``), with ``report``'s result under
     ``loop`` (it runs after the traffic, while the services still run) and what
     ``watch`` (entered while the traffic runs) gathered under ``watch``."""
     stack = Stack(settings)
@@ -156,6 +163,7 @@ def run_loop(
             failed = {n: p.returncode for n, p in processes.items() if p.poll() is not None}
         summary = stats.summary()
         summary["component_failures"] = failed
+        summary["latency_windows"] = stats.latency_windows()
         if watch is not None:
             summary["watch"] = watched
         if report is not None:

@@ -95,8 +95,29 @@ def start_broker(
             ]
         )
     )
-    classpath = f"{libs}/*"
-    jvm = [
+    jvm = _jvm(settings, libs)
+    cluster_id = _storage_tool(jvm, "random-uuid").splitlines()[-1]
+    _storage_tool(jvm, "format", "-t", cluster_id, "-c", str(properties))
+    return _run(jvm, properties, f"127.0.0.1:{port}", log_path, timeout_s)
+
+
+def restart_broker(
+    settings: KafkaSettings, data_dir: Path, log_path: Path, timeout_s: float
+) -> tuple[int, str]:
+    """Starts a broker again on the log folder and ports ``start_broker`` gave it (after
+    a crash, say): its topics, offsets and transactions are where it left them."""
+    properties = data_dir / "server.properties"
+    if not properties.exists():
+        raise ServiceStartError(f"kafka: no broker was started in {data_dir}: nothing to restart")
+    listeners = dict(
+        line.split("=", 1) for line in properties.read_text().splitlines() if "=" in line
+    )["advertised.listeners"]
+    bootstrap = listeners.removeprefix("PLAINTEXT://")
+    return _run(_jvm(settings, ensure_jars()), properties, bootstrap, log_path, timeout_s)
+
+
+def _jvm(settings: KafkaSettings, libs: Path) -> list[str]:
+    return [
         java(),
         f"-Xmx{settings.heap_mb}m",
         f"-Xms{min(settings.heap_mb, 256)}m",
@@ -104,11 +125,13 @@ def start_broker(
         "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={HERE / 'kafka-log4j2.properties'}",
         "-cp",
-        classpath,
+        f"{libs}/*",
     ]
-    cluster_id = _storage_tool(jvm, "random-uuid").splitlines()[-1]
-    _storage_tool(jvm, "format", "-t", cluster_id, "-c", str(properties))
-    bootstrap = f"127.0.0.1:{port}"
+
+
+def _run(
+    jvm: list[str], properties: Path, bootstrap: str, log_path: Path, timeout_s: float
+) -> tuple[int, str]:
     pid = start_process(
         "kafka",
         [*jvm, "kafka.Kafka", str(properties)],

@@ -1,4 +1,5 @@
-"""Redis (Debian's redis-server) as a local process: loopback only, no persistence."""
+"""Redis (Debian's redis-server) as a local process: loopback only, no persistence; with
+a password in the settings, only that ACL user (or ``default``) is enabled."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ from pathlib import Path
 
 import redis
 
+from camoe.settings import RedisSettings
 from camoe.stack.exceptions import PrerequisiteError
 from camoe.stack.process import claim_port, start_process
 
 
-def ping(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_timeout=1.0)
+def ping(url: str, username: str | None = None, password: str | None = None) -> bool:
+    client = redis.Redis.from_url(url, username=username, password=password, socket_timeout=1.0)
     try:
         return bool(client.ping())
     finally:
@@ -20,7 +22,11 @@ def ping(url: str) -> bool:
 
 
 def start_server(
-    data_dir: Path, log_path: Path, timeout_s: float, port: int | None = None
+    data_dir: Path,
+    log_path: Path,
+    timeout_s: float,
+    port: int | None = None,
+    credentials: RedisSettings | None = None,
 ) -> tuple[int, str]:
     """Starts redis-server on loopback (``port``, or a free one); returns (pid, url)."""
     binary = shutil.which("redis-server")
@@ -46,5 +52,26 @@ def start_server(
         "--daemonize",
         "no",
     ]
-    pid = start_process("redis", command, log_path, healthy=lambda: ping(url), timeout_s=timeout_s)
+    password = credentials.secret() if credentials else None
+    username = credentials.username if credentials else None
+    if password is not None:
+        command += ["--aclfile", str(_acl_file(data_dir, username, password))]
+    pid = start_process(
+        "redis",
+        command,
+        log_path,
+        healthy=lambda: ping(url, username, password),
+        timeout_s=timeout_s,
+    )
     return pid, url
+
+
+def _acl_file(data_dir: Path, username: str | None, password: str) -> Path:
+    """An ACL file readable by its owner only (the password stays off the command line)."""
+    path = data_dir / "users.acl"
+    users = [f"user {username or 'default'} on >{password} ~* &* +@all"]
+    if username and username != "default":
+        users.append("user default off")
+    path.touch(mode=0o600)
+    path.write_text("\n".join(users) + "\n")
+    return path

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from camoe.clients.kafka import create_topics
@@ -65,7 +65,10 @@ class Stack:
 
     def endpoints(self) -> Endpoints:
         """Configured addresses override the running stack's."""
-        endpoints = self._load()
+        return self._configured(self._load())
+
+    def _configured(self, own: Endpoints) -> Endpoints:
+        endpoints = replace(own, pids=dict(own.pids), logs=dict(own.logs))
         s = self.settings
         endpoints.kafka = s.kafka.bootstrap_servers or endpoints.kafka
         endpoints.triton = s.triton.url or endpoints.triton
@@ -79,7 +82,10 @@ class Stack:
         unknown = set(services) - set(SERVICES)
         if unknown:
             raise StackError(f"unknown services {sorted(unknown)}; choose from {SERVICES}")
-        endpoints = self.endpoints()
+        # Only what this stack runs is recorded: a configured address (another broker, say)
+        # must not become the stack's for a later process without that setting.
+        own = self._load()
+        endpoints = self._configured(own)
         timeout = self.settings.stack.startup_timeout_s
         logs = self.state_dir / "logs"
         ports = self.settings.stack.ports
@@ -96,7 +102,11 @@ class Stack:
                 log.info("kafka up at %s", endpoints.kafka)
             if "redis" in services and endpoints.redis is None:
                 endpoints.pids["redis"], endpoints.redis = redis.start_server(
-                    self.state_dir / "redis", logs / "redis.log", timeout, port=ports.get("redis")
+                    self.state_dir / "redis",
+                    logs / "redis.log",
+                    timeout,
+                    port=ports.get("redis"),
+                    credentials=self.settings.redis,
                 )
                 endpoints.logs["redis"] = str(logs / "redis.log")
                 log.info("redis up at %s", endpoints.redis)
@@ -115,7 +125,12 @@ class Stack:
                 endpoints.logs["triton"] = str(logs / "triton.log")
                 log.info("triton up at %s (gRPC)", endpoints.triton)
         finally:
-            self._save(endpoints)
+            for name in set(endpoints.pids) - set(own.pids):  # started by this call
+                setattr(own, name, getattr(endpoints, name))
+                own.pids[name], own.logs[name] = endpoints.pids[name], endpoints.logs[name]
+                if name == "triton":
+                    own.triton_http = endpoints.triton_http
+            self._save(own)
         if "kafka" in services:
             create_topics(endpoints.kafka, self.settings.kafka.topics.all())
         return endpoints

@@ -22,15 +22,27 @@ Delivery guarantees (``guarantee``):
 * ``exactly-once``: one transactional producer per worker; the outputs and the consumed
   offsets are committed in one Kafka transaction, and a failed batch is aborted and
   re-read. Readers must use ``isolation.level=read_committed``.
+
+The broker going away is waited out: a commit or a flush that times out while it is
+unreachable is tried again, and a consumer the group has dropped meanwhile (its session
+timed out, or the broker fenced its static identity when it came back) is replaced by a
+new one that rejoins the group: the partitions are revoked and assigned again through the
+hooks, so uncommitted batches are read again (at-least-once) or their aborted
+transactions are (exactly-once), and a stateful handler restores its state. A
+transactional call that hangs past its timeout (``_bounded``) gets the producer replaced
+and the batch read again the same way.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from threading import Event
 from typing import Any, NamedTuple, Protocol
@@ -41,7 +53,14 @@ from prometheus_client import CollectorRegistry, Histogram
 from camoe.clients.kafka import consumer_config, producer_config
 from camoe.settings import StreamSettings
 from camoe.streaming.avro import AvroCodec
-from camoe.streaming.exceptions import DecodeError, DeliveryError, MissingTopicError, RetryLater
+from camoe.streaming.exceptions import (
+    DecodeError,
+    DeliveryError,
+    MissingTopicError,
+    ProducerHung,
+    Rejoin,
+    RetryLater,
+)
 from camoe.streaming.metrics import StreamCollector
 
 log = logging.getLogger(__name__)
@@ -51,6 +70,14 @@ ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the key's partitioner 
 # With a batch interval, the fetch's wait decides when the broker answers, not its size: a
 # backlog is answered at once while more than this of it waits.
 FETCH_MIN_BYTES = 1 << 20
+TXN_TIMEOUT_S = 30.0  # each try of a transaction call; retriable timeouts are tried again
+HUNG_AFTER_S = TXN_TIMEOUT_S + 10.0  # a transaction call still running then has hung
+# The group no longer knows this consumer: replace it (StreamApp._rejoin).
+REJOIN = {
+    KafkaError.FENCED_INSTANCE_ID,
+    KafkaError.UNKNOWN_MEMBER_ID,
+    KafkaError.ILLEGAL_GENERATION,
+}
 LAG_EVERY_S = 2.0  # how often the consumer lag of the metrics is refreshed
 
 
@@ -122,6 +149,15 @@ def consume_batch(consumer: Consumer, max_messages: int, timeout_s: float) -> li
     if max_messages == 1:
         return [first]
     return [first, *consumer.consume(max_messages - 1, 0)]
+
+
+def kafka_error(raised: object) -> KafkaError | None:
+    """The KafkaError an exception carries (or is: the consumer raises fatal errors bare)."""
+    if isinstance(raised, KafkaError):
+        return raised
+    if isinstance(raised, KafkaException) and isinstance(raised.args[0], KafkaError):
+        return raised.args[0]
+    return None
 
 
 def next_offsets(records: list[Record]) -> list[TopicPartition]:
@@ -197,34 +233,36 @@ class StreamApp:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5),
             registry=self.registry,
         ).labels(name)
-        self._consumer = Consumer(
-            consumer_config(
-                bootstrap_servers,
-                group_id,
-                **{
-                    "max.poll.interval.ms": 60_000,
-                    "session.timeout.ms": 10_000,  # a dead worker's partitions move within 10 s
-                },
-                **(
-                    {
-                        "fetch.wait.max.ms": max(1, round(interval_ms)),
-                        "fetch.min.bytes": FETCH_MIN_BYTES,
-                    }
-                    if interval_ms > 0
-                    else {}
-                ),
-                **({"group.instance.id": instance_id} if instance_id else {}),
-            )
+        self._consumer_config = consumer_config(
+            bootstrap_servers,
+            group_id,
+            **{
+                "max.poll.interval.ms": 60_000,
+                "session.timeout.ms": 10_000,  # a dead worker's partitions move within 10 s
+            },
+            **(
+                {
+                    "fetch.wait.max.ms": max(1, round(interval_ms)),
+                    "fetch.min.bytes": FETCH_MIN_BYTES,
+                }
+                if interval_ms > 0
+                else {}
+            ),
+            **({"group.instance.id": instance_id} if instance_id else {}),
         )
+        self._consumer = Consumer(self._consumer_config)
         transactional_id = None
         if guarantee == "exactly-once":
             transactional_id = f"{group_id}-{name}-{instance_id or uuid.uuid4().hex[:12]}"
-        self._producer = Producer(
-            producer_config(bootstrap_servers, options.linger_ms, transactional_id=transactional_id)
+        self._producer_config = producer_config(
+            bootstrap_servers, options.linger_ms, transactional_id=transactional_id
         )
+        self._producer = Producer(self._producer_config)
+        # Runs the transactional calls that can hang (see _bounded); replaced when one does.
+        self._txn_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-txn")
         self._delivery_errors: list[KafkaError] = []
         if guarantee == "exactly-once":
-            self._producer.init_transactions(30)
+            self._producer.init_transactions(TXN_TIMEOUT_S)
 
     def partitions(self, topic: str, timeout_s: float = 10.0) -> int:
         """How many partitions ``topic`` has on the broker."""
@@ -267,11 +305,22 @@ class StreamApp:
         self._consumer.subscribe(list(self.sources), on_assign=on_assign, on_revoke=on_revoke)
         try:
             while not stop.is_set():
-                messages = consume_batch(self._consumer, self.batch_size, self.poll_timeout_s)
-                if time.monotonic() - self._lag_at > LAG_EVERY_S:
-                    self._refresh_lag()
-                records, bad = self._decode(messages)
-                if messages:
+                try:
+                    had_input = self._batch(handler, stop, commit_policy)
+                # Bare: a fatal consumer error comes out of poll() as the KafkaError itself,
+                # which is no BaseException.
+                except:  # noqa: E722
+                    raised = sys.exc_info()[1]
+                    error = kafka_error(raised)
+                    if isinstance(raised, Rejoin):
+                        reason = str(raised)
+                    elif error is not None and error.code() in REJOIN:
+                        reason = f"its consumer group dropped it: {error.str()}"
+                    else:
+                        raise
+                    self._rejoin(reason, on_assign, on_revoke, hooks)
+                    continue
+                if had_input:
                     last_input = time.monotonic()
                 elif (
                     max_idle_s is not None
@@ -279,22 +328,56 @@ class StreamApp:
                     and time.monotonic() - last_input > max_idle_s
                 ):
                     break
-                try:
-                    result = handler(records)
-                except RetryLater as wait:
-                    log.warning(
-                        "%s: %s; retrying the batch in %.1fs", self.name, wait, wait.retry_after_s
-                    )
-                    self._rewind(messages, wait.retry_after_s, stop)
-                    continue
-                result.dead_letters.extend(bad)
-                if messages or result.outputs or result.dead_letters:
-                    self.checkpoint(result, commit_policy(records), len(records) + len(bad))
-                elif self._in_flight:  # idle: commit what has been acknowledged since
-                    self._producer.poll(0)
-                    self._commit_acknowledged()
         finally:
             self.close()
+
+    def _batch(self, handler: Handler, stop: Event, commit_policy: CommitPolicy) -> bool:
+        """Consumes, handles and checkpoints one batch; whether any record came."""
+        messages = consume_batch(self._consumer, self.batch_size, self.poll_timeout_s)
+        if time.monotonic() - self._lag_at > LAG_EVERY_S:
+            self._refresh_lag()
+        records, bad = self._decode(messages)
+        try:
+            result = handler(records)
+        except RetryLater as wait:
+            log.warning("%s: %s; retrying the batch in %.1fs", self.name, wait, wait.retry_after_s)
+            self._rewind(messages, wait.retry_after_s, stop)
+            return bool(messages)
+        result.dead_letters.extend(bad)
+        if messages or result.outputs or result.dead_letters:
+            self.checkpoint(result, commit_policy(records), len(records) + len(bad))
+        elif self._in_flight:  # idle: commit what has been acknowledged since
+            self._producer.poll(0)
+            self._commit_acknowledged()
+        return bool(messages)
+
+    def _rejoin(
+        self,
+        reason: str,
+        on_assign: Callable[[Consumer, list[TopicPartition]], None],
+        on_revoke: Callable[[Consumer, list[TopicPartition]], None],
+        hooks: PartitionHooks | None,
+    ) -> None:
+        """Replaces the consumer with a new one in the same group (``reason``: its group
+        dropped it, or the batch must be read again). What it had not committed is read
+        again from the group's offsets: at-least-once, its batches in flight are
+        forgotten (their outputs may come twice); exactly-once, their transactions were
+        aborted. Its partitions are revoked from the handler first, so a stateful one
+        restores their state on reassignment."""
+        log.warning("%s: %s; rejoining its group with a new consumer", self.name, reason)
+        try:
+            assignment = self._consumer.assignment()
+        except KafkaException:
+            assignment = []
+        if hooks is not None and assignment:
+            hooks.on_revoke(assignment)
+        self._in_flight.clear()
+        try:
+            self._consumer.close()
+        except KafkaException as failure:  # a fenced consumer cannot leave its group
+            log.debug("%s: closing the dropped consumer: %s", self.name, failure)
+        self._consumer = Consumer(self._consumer_config)
+        self._consumer.subscribe(list(self.sources), on_assign=on_assign, on_revoke=on_revoke)
 
     def _refresh_lag(self) -> None:
         """The records of each assigned partition not yet read: its end offset as of the
@@ -371,19 +454,11 @@ class StreamApp:
         batches of a low rate are committed at the interval, not every few batches.
         """
         if self.guarantee == "exactly-once":
-            self._producer.begin_transaction()
             try:
-                self._produce_all(result, None)
-                if offsets:
-                    self._producer.send_offsets_to_transaction(
-                        offsets, self._consumer.consumer_group_metadata(), 30
-                    )
-                started = time.perf_counter()
-                self._producer.commit_transaction(30)
-                self._commit_seconds.observe(time.perf_counter() - started)
-            except Exception:
-                self._producer.abort_transaction(30)
-                raise
+                self._transact(result, offsets)
+            except ProducerHung as hung:
+                self._replace_producer(hung)
+                raise Rejoin(str(hung)) from None
         else:
             batch = InFlight(offsets, records)
             self._produce_all(result, batch)
@@ -395,6 +470,71 @@ class StreamApp:
                 self._producer.poll(0.005)
                 self._commit_acknowledged(force=True)
         self.counters["batches"] += 1
+
+    def _transact(self, result: BatchResult, offsets: list[TopicPartition]) -> None:
+        """The batch's outputs and consumed offsets in one transaction, aborted on failure."""
+        self._producer.begin_transaction()
+        try:
+            self._produce_all(result, None)
+            if offsets:
+                metadata = self._consumer.consumer_group_metadata()
+                self._bounded(
+                    "sending its offsets",
+                    lambda timeout_s: self._producer.send_offsets_to_transaction(
+                        offsets, metadata, timeout_s
+                    ),
+                )
+            started = time.perf_counter()
+            self._transaction_call("commit", self._producer.commit_transaction)
+            self._commit_seconds.observe(time.perf_counter() - started)
+        except ProducerHung:
+            raise  # the producer cannot abort: it is replaced
+        except Exception:
+            self._transaction_call("abort", self._producer.abort_transaction)
+            raise
+
+    def _bounded(self, what: str, call: Callable[[float], None]) -> None:
+        """``call(TXN_TIMEOUT_S)`` on the transaction thread, given ``HUNG_AFTER_S`` to
+        return. librdkafka can leave a transactional call waiting forever, whatever its
+        timeout, for a coordinator on a broker that restarted (confluentinc/librdkafka
+        #5511, ``send_offsets_to_transaction``): that raises ProducerHung."""
+        future = self._txn_thread.submit(call, TXN_TIMEOUT_S)
+        try:
+            future.result(HUNG_AFTER_S)
+        except FutureTimeout:
+            raise ProducerHung(f"{what} to the transaction hung for {HUNG_AFTER_S:.0f} s") from None
+
+    def _replace_producer(self, hung: ProducerHung) -> None:
+        """A new transactional producer in place of a hung one (left to its thread): its
+        ``init_transactions`` fences the old one, whose open transaction the broker
+        aborts."""
+        log.error("%s: %s; replacing its producer and reading the batch again", self.name, hung)
+        self._txn_thread.shutdown(wait=False)
+        self._txn_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-txn")
+        self._producer = Producer(self._producer_config)
+        self._producer.init_transactions(TXN_TIMEOUT_S)
+
+    def _transaction_call(self, what: str, call: Callable[[float], None]) -> None:
+        """``call`` (commit or abort), tried again while it fails retriably: the broker or
+        the transaction coordinator is away, and the outcome is not known yet."""
+        waited = 0.0
+        while True:
+            try:
+                self._bounded(f"the {what}", call)
+                break
+            except KafkaException as error:
+                if not error.args[0].retriable():
+                    raise
+                if not waited:
+                    log.warning(
+                        "%s: the transaction's %s waits for the broker (%s)",
+                        self.name,
+                        what,
+                        error.args[0].str(),
+                    )
+                waited += TXN_TIMEOUT_S
+        if waited:
+            log.info("%s: the transaction's %s went through", self.name, what)
 
     def _produce_all(self, result: BatchResult, batch: InFlight | None) -> None:
         """Encodes the batch's outputs and dead letters and queues them with one
@@ -508,7 +648,15 @@ class StreamApp:
             batch.unacknowledged -= 1
 
     def flush(self) -> None:
+        """Waits for every output's acknowledgement, while the broker is away too: a record
+        that cannot be delivered within the producer's ``message.timeout.ms`` fails."""
         remaining = self._producer.flush(30)
+        if remaining and not self._delivery_errors:
+            log.warning(
+                "%s: waiting for the broker to acknowledge %d records", self.name, remaining
+            )
+            while remaining and not self._delivery_errors:
+                remaining = self._producer.flush(30)
         if remaining or self._delivery_errors:
             errors, self._delivery_errors = self._delivery_errors, []
             raise DeliveryError(
@@ -524,4 +672,5 @@ class StreamApp:
             try:
                 self._consumer.close()  # its revoke callback drains: the producer still runs
             finally:
+                self._txn_thread.shutdown(wait=False)
                 self._producer.close()

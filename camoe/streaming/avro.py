@@ -23,7 +23,7 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from camoe.streaming.exceptions import DecodeError
+from camoe.streaming.exceptions import DecodeError, SchemaIncompatible
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 SINGLE_OBJECT_MARKER = b"\xc3\x01"
@@ -155,33 +155,113 @@ class AvroCodec:
         return _read_body(self.name, data, 10, self._store.writer_schema(fp), self._schema)
 
 
-class ConfluentAvroCodec:
-    """Confluent wire format (magic byte + schema id) against a schema registry."""
+@cache
+def registry_client(url: str) -> Any:
+    """One registry client per URL in a process, so every codec shares its cache (and,
+    with ``mock://``, confluent-kafka's in-process registry)."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
 
-    def __init__(self, name: str, registry_url: str, subject: str) -> None:
-        from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+    return SchemaRegistryClient.new_client({"url": url})
+
+
+def incompatibility(writer: dict[str, Any], reader: dict[str, Any]) -> str | None:
+    """Why records written with ``writer`` cannot be read with ``reader`` (None: they can).
+    Checked by resolving generated records of every branch the writer allows."""
+    from fastavro.utils import generate_many
+
+    parsed_writer, parsed_reader = parse_schema(writer), parse_schema(reader)
+    for record in generate_many(parsed_writer, 20):
+        buffer = io.BytesIO()
+        schemaless_writer(buffer, parsed_writer, record)
+        buffer.seek(0)
+        try:
+            schemaless_reader(buffer, parsed_writer, parsed_reader)
+        except Exception as error:  # fastavro's resolution errors have several types
+            return str(error)
+    return None
+
+
+class ConfluentAvroCodec:
+    """Confluent wire format (``00`` + the 4-byte schema id) against a schema registry.
+
+    The codec registers its schema under ``subject`` unless the subject's latest version
+    cannot read records of it or it cannot read the latest version's records (a change
+    both old and new readers survive, FULL in the registry's terms, is a new field with
+    a default): it raises ``SchemaIncompatible`` then, as a registry server does.
+
+    Example::
+
+        codec = ConfluentAvroCodec("ad_click", "mock://local", "ad-clicks-value")
+        data = codec.encode({"request_id": "r1", "ad_id": "a1", "user_id": "u1",
+                             "event_time": 0})
+        assert data[:1] == b"\\x00" and codec.decode(data)["ad_id"] == "a1"
+    """
+
+    def __init__(
+        self, name: str, registry_url: str, subject: str, schema: dict[str, Any] | None = None
+    ) -> None:
+        from confluent_kafka.schema_registry import Schema
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
 
         self.name = name
-        self._client = SchemaRegistryClient({"url": registry_url})
-        self._json = schema_json(name)
+        self._client = registry_client(registry_url)
+        self._json = schema or schema_json(name)
         self._schema = parse_schema(self._json)
-        self._schema_id = self._client.register_schema(
-            subject, Schema(json.dumps(self._json), "AVRO")
-        )
+        try:
+            self._check_against_latest(subject)
+            self._schema_id = self._client.register_schema(
+                subject, Schema(json.dumps(self._json), "AVRO")
+            )
+        except SchemaRegistryError as error:
+            raise SchemaIncompatible(
+                f"schema registry at {registry_url} refused {name}'s schema for {subject}: "
+                f"{error.error_message}; check kafka.schema_registry_url and the change"
+            ) from None
         self._writers: dict[int, dict[str, Any]] = {self._schema_id: self._schema}
+
+    def _check_against_latest(self, subject: str) -> None:
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        try:
+            latest = self._client.get_latest_version(subject)
+        except SchemaRegistryError as error:
+            if error.http_status_code == 404:  # a new subject
+                return
+            raise
+        registered = json.loads(latest.schema.schema_str)
+        directions = ((registered, self._json, "this"), (self._json, registered, "its"))
+        for writer, reader, who in directions:
+            why = incompatibility(writer, reader)
+            if why is not None:
+                raise SchemaIncompatible(
+                    f"{self.name}: schema incompatible with version {latest.version} of "
+                    f"{subject} ({who} reader fails: {why}); give new fields a default, "
+                    "or write to a new subject"
+                )
 
     def encode(self, record: dict[str, Any]) -> bytes:
         buffer = io.BytesIO()
         buffer.write(CONFLUENT_MAGIC + struct.pack(">I", self._schema_id))
-        schemaless_writer(buffer, self._schema, record)
+        try:
+            schemaless_writer(buffer, self._schema, record)
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            raise ValueError(f"{self.name}: record does not match its schema: {error}") from None
         return buffer.getvalue()
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
         if not data or len(data) < 5 or data[:1] != CONFLUENT_MAGIC:
             raise DecodeError(f"{self.name}: not a Confluent wire-format record")
         schema_id = struct.unpack(">I", data[1:5])[0]
         if schema_id not in self._writers:
-            fetched = self._client.get_schema(schema_id)
+            try:
+                fetched = self._client.get_schema(schema_id)
+            except SchemaRegistryError as error:
+                raise DecodeError(
+                    f"{self.name}: writer schema id {schema_id} unknown to the registry: "
+                    f"{error.error_message}"
+                ) from None
             self._writers[schema_id] = parse_schema(json.loads(fetched.schema_str))
         return _read_body(self.name, data, 5, self._writers[schema_id], self._schema)
 

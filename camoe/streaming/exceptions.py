@@ -9,6 +9,10 @@ class DecodeError(StreamingError):
     """A record's bytes are not a valid record of the expected schema."""
 
 
+class SchemaIncompatible(StreamingError):
+    """A schema the registry holds for a subject and ours cannot read each other's records."""
+
+
 class RetryLater(StreamingError):
     """The handler cannot process the batch now; the app re-reads it after ``retry_after_s``."""
 
@@ -23,3 +27,11 @@ class DeliveryError(StreamingError):
 
 class MissingTopicError(StreamingError):
     """A topic the app needs does not exist on the broker."""
+
+
+class ProducerHung(StreamingError):
+    """A transactional call did not return long after its timeout; the producer is replaced."""
+
+
+class Rejoin(StreamingError):
+    """The batch must be read again through a new consumer (StreamApp._rejoin)."""

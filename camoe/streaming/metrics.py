@@ -27,12 +27,12 @@ STREAM_COUNTERS = {
 }
 
 
-def serve(registry: CollectorRegistry, port: int) -> int:
-    """Serves /metrics of ``registry`` on 127.0.0.1:``port`` (0: any free port); returns
+def serve(registry: CollectorRegistry, port: int, address: str = "127.0.0.1") -> int:
+    """Serves /metrics of ``registry`` on ``address``:``port`` (0: any free port); returns
     the port."""
-    server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+    server, _ = start_http_server(port, addr=address, registry=registry)
     bound = int(server.server_address[1])
-    log.info("metrics on http://127.0.0.1:%d/metrics", bound)
+    log.info("metrics on http://%s:%d/metrics", address, bound)
     return bound
 
 

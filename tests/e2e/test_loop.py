@@ -5,12 +5,12 @@ version 1 on every format."""
 
 from __future__ import annotations
 
-from camoe.bench.freshness import reporter, summary_lines
+from camoe.bench.freshness import demo_plot, reporter, summary_lines
 from camoe.features import FORMATS
 from camoe.sim.loop import demo_settings, run_loop
 
 
-def test_online_loop_on_drifting_traffic(services):
+def test_online_loop_on_drifting_traffic(services, tmp_path):
     settings, _ = services
     settings = demo_settings(settings)
     settings = settings.model_copy(  # the conftest's small history makes a weak version 1
@@ -21,7 +21,14 @@ def test_online_loop_on_drifting_traffic(services):
         settings, duration_s=150.0, progress=lines.append, drain_s=15.0, report=reporter(30.0)
     )
     loop = summary.pop("loop")
+    latency = summary.pop("latency_windows")
     print("\n".join(lines + summary_lines(loop)))
+    # The demo's picture of the run: latency over every 10 s of traffic, a version marked
+    # at each publish.
+    assert len(latency) >= 15 and all(w["p99_ms"] >= w["p50_ms"] > 0 for w in latency)
+    assert len(loop["published_s"]) == loop["versions"]
+    picture = demo_plot(loop, latency, tmp_path / "demo.png")
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert summary["component_failures"] == {}
     assert summary["requests"] >= 6000

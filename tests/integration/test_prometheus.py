@@ -1,5 +1,6 @@
 """A real Prometheus scrapes the scorer, the labeler and the trainer on loopback while the
-whole loop runs; promtool checks every endpoint's exposition."""
+whole loop runs; promtool checks every endpoint's exposition, and every query of the
+Grafana dashboard is accepted and returns series."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from camoe.sim.loop import demo_settings, run_loop
 from camoe.stack import prometheus
 from camoe.stack.process import free_port, stop_pid
+from tests.unit.test_dashboard import queries as dashboard_queries
 
 JOBS = {"scoring": "scoring", "labeler": "labeler", "trainer": "trainer"}  # job -> app label
 
@@ -48,6 +50,11 @@ def test_prometheus_scrapes_every_component_while_the_loop_runs(services, tmp_pa
             "version": "camoe_trainer_served_version",
         }.items():
             seen[name] = prometheus.query(url, promql)
+        # Every query of the Grafana dashboard, as Grafana would send it.
+        seen["dashboard"] = {
+            (title, promql): prometheus.query(url, promql.replace("$__rate_interval", "30s"))
+            for title, promql in dashboard_queries()
+        }
 
     try:
         summary = run_loop(settings, duration_s=45.0, drain_s=5.0, watch=watch)
@@ -70,3 +77,5 @@ def test_prometheus_scrapes_every_component_while_the_loop_runs(services, tmp_pa
     assert sum(by("labels", "kind").values()) > 0
     assert by("freshness", "job")["trainer"] > 0  # clicks learned by published versions
     assert by("version", "job")["trainer"] >= 2
+    empty = [query for query, result in seen["dashboard"].items() if not result]
+    assert empty == [], empty

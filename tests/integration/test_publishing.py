@@ -36,6 +36,8 @@ import trainer.export as export
 from camoe.clients.triton import InferenceServerException, TritonClient
 from camoe.settings import ROOT, Settings
 from camoe.sim.traffic import World
+from camoe.stack import triton as triton_stack
+from camoe.stack.process import stop_pid
 from camoe.stack.stack import Endpoints
 from trainer.export import Batch, Publisher, PublishError, serving_scores, versions
 from trainer.model import build_served_camoe
@@ -58,11 +60,11 @@ ATOL = 1e-5  # as the publisher's own parity tolerance
 
 
 def _add_model(repo: Path, name: str) -> Path:
-    """A second model in the served repository (the camoe config renamed), so the tests
-    of other modules keep their version numbers."""
-    config = (repo / "camoe" / "config.pbtxt").read_text()
+    """A model of its own in ``repo`` (the camoe config renamed), so the tests of other
+    modules keep their version numbers."""
+    config = (ROOT / "model_repo" / "camoe" / "config.pbtxt").read_text()
     target = repo / name
-    target.mkdir()
+    target.mkdir(parents=True)
     (target / "config.pbtxt").write_text(re.sub(r'name: "camoe"', f'name: "{name}"', config))
     return target
 
@@ -75,16 +77,6 @@ def _shift(model: nn.Module, delta: float) -> nn.Module:
             if re.fullmatch(r".*towers\.\d+\._out\.bias", name):
                 parameter += delta
     return shifted
-
-
-def _index(client: TritonClient) -> dict[int, str]:
-    """Every version of the client's model that Triton knows about, with its state."""
-    models = client._client.get_model_repository_index(as_json=True).get("models", [])
-    return {
-        int(m["version"]): m.get("state", "")
-        for m in models
-        if m.get("name") == client.model and m.get("version")
-    }
 
 
 @dataclass
@@ -262,7 +254,7 @@ def test_crash_before_the_rename_leaves_only_staging_and_previous_serves(served,
     traffic.assert_only(ready[-1], served.models[ready[-1]])
     reloading.assert_only(ready[-1], served.models[ready[-1]])
     served.assert_serves(ready)
-    assert ready[-1] + 1 not in _index(served.client)
+    assert ready[-1] + 1 not in served.client.version_states()
     listed = served.client._client.get_model_repository_index(as_json=True).get("models", [])
     assert not [m["name"] for m in listed if m["name"].startswith(".")], listed
 
@@ -280,7 +272,7 @@ def test_crash_before_the_rename_leaves_only_staging_and_previous_serves(served,
 
 def test_nan_model_never_reaches_the_repository(served):
     ready = versions(served.model_dir)
-    index = _index(served.client)
+    index = served.client.version_states()
     broken = _shift(served.models[ready[-1]], 0.05)
     with torch.no_grad():
         # Every row passes through the shared experts, so one NaN weight spoils every score.
@@ -292,7 +284,7 @@ def test_nan_model_never_reaches_the_repository(served):
     traffic.assert_only(ready[-1], served.models[ready[-1]])
 
     assert served.staged() == []
-    assert _index(served.client) == index  # Triton was never asked to load anything
+    assert served.client.version_states() == index  # Triton was never asked to load anything
     served.assert_serves(ready)
 
 
@@ -344,7 +336,7 @@ def test_unloadable_version_is_removed_and_previous_serves(served, tmp_path, mon
     # It fails in its trial, loaded as a model of its own: the served model is never
     # reloaded, no version folder appears, and the versions loaded before stay READY.
     assert client.loads == []
-    assert rejected not in _index(served.client)
+    assert rejected not in served.client.version_states()
     assert served.staged() == []
     served.assert_serves(ready)
     client.close()
@@ -509,3 +501,63 @@ def test_churn_of_many_versions_does_not_grow_latency_or_memory(services, traine
     assert figures["rss_growth_mib"] < MEMORY_GROWTH_MIB
     # No stub left behind per version: as many processes at the end as at the start.
     assert figures["processes_last"] <= figures["processes_first"]
+
+
+# --- e. the model repository's disk full ----------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 6 MiB tmpfs (we are root), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_rejects_the_candidate_in_one_line_and_previous_serves(
+    services, trained, small_disk, tmp_path
+):
+    """The repository (and so its staging folder) on a small filesystem that fills up: the
+    candidate is rejected with one line saying so, nothing half-written is left, and the
+    version before it serves; with space again, the next one is published."""
+    settings, _ = services
+    model, check = trained
+    repo = small_disk / "model_repo"
+    model_dir = _add_model(repo, "camoe_disk")
+    pid, grpc, _ = triton_stack.start_server(
+        repo, tmp_path / "triton.log", settings.stack.startup_timeout_s, load=[]
+    )
+    client = TritonClient(grpc, "camoe_disk", timeout_s=30.0)
+    try:
+        publisher = Publisher(repo, "camoe_disk", client)
+        assert publisher.publish(model, check) == 1
+        ballast = small_disk / "ballast"
+        free = os.statvfs(small_disk)
+        ballast.write_bytes(b"\0" * (free.f_bavail * free.f_frsize - 200 * 1024))
+
+        with pytest.raises(PublishError) as rejected:
+            publisher.publish(_shift(model, 0.1), check)
+        message = str(rejected.value)
+        assert "\n" not in message
+        assert message.startswith("version 2 rejected before publishing: no space left on")
+        assert versions(model_dir) == [1] and client.ready_versions() == [1]
+        assert list(publisher.staging.iterdir()) == []  # nothing half-written
+        assert not (repo / "camoe_disk-candidate").exists()
+        scores, served_by = client.infer(*check)
+        assert served_by == "1"
+        np.testing.assert_allclose(scores, serving_scores(model, check), atol=ATOL)
+
+        ballast.unlink()
+        assert publisher.publish(_shift(model, 0.1), check) == 2
+        assert client.ready_versions() == [1, 2]
+    finally:
+        client.close()
+        stop_pid(pid)

@@ -3,90 +3,22 @@ every labelled event enters the model's lineage exactly once, and versions only 
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
-import uuid
 import zlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 from confluent_kafka import Consumer, Producer
 
-from camoe.clients.kafka import committed_offsets, create_topics, read_committed
-from camoe.clients.triton import TritonClient
-from camoe.settings import Settings
-from camoe.sim.traffic import World
+from camoe.clients.kafka import committed_offsets, read_committed
 from camoe.streaming.avro import AvroCodec
 from camoe.supervisor import write_settings
 from tests.factories import labelled_events
-from trainer.export import Publisher
-from trainer.model import build_served_camoe
+from tests.integration.conftest import EVENTS, start_trainer
 from trainer.online import Checkpoint
-from trainer.train import fit, save_model
-
-EVENTS = 8_000
-
-
-@pytest.fixture
-def trainer_world(services, tmp_path):
-    """Own topics, model name and checkpoint folder; version 1 published and saved."""
-    settings, endpoints = services
-    suffix = uuid.uuid4().hex[:6]
-    name = f"camoe_trainer_faults_{suffix}"  # a model of its own per test: a fresh repository
-    topics = settings.kafka.topics
-    renamed = topics.model_copy(
-        update={
-            f: getattr(topics, f).model_copy(update={"name": f"{getattr(topics, f).name}-{suffix}"})
-            for f in ("labelled_events", "model_updates", "dead_letters")
-        }
-    )
-    source = settings.triton.model_repo / "camoe"
-    target = settings.triton.model_repo / name
-    target.mkdir()
-    config = (source / "config.pbtxt").read_text()
-    (target / "config.pbtxt").write_text(re.sub(r'name: "camoe"', f'name: "{name}"', config))
-    s = Settings(
-        **{
-            **settings.model_dump(),
-            "kafka": {**settings.kafka.model_dump(), "topics": renamed.model_dump()},
-            "triton": {**settings.triton.model_dump(), "model_name": name},
-            "trainer": {
-                **settings.trainer.model_dump(),
-                "checkpoint_dir": tmp_path / "trainer",
-                "publish_every_examples": 400,
-                "publish_every_s": 2.0,
-                "pretrain_batch_size": 128,
-            },
-            "stack": {**settings.stack.model_dump(), "state_dir": tmp_path / "stack"},
-        }
-    )
-    create_topics(endpoints.kafka, s.kafka.topics.all())
-    history = World(s.simulator).history(EVENTS + 1000, hours=0.0)
-    model = build_served_camoe(s)
-    fit(model, {k: v[:1000] for k, v in history.items()}, epochs=1)
-    save_model(model, s.trainer.checkpoint_dir / "model.pt")
-    client = TritonClient(endpoints.triton, name)
-    check = (history["categorical"][:8], history["numeric"][:8], history["format"][:8])
-    Publisher(s.triton.model_repo, name, client).publish(model, check)
-    yield s, endpoints, history, client
-    client.close()
-
-
-def _start_trainer(config: Path, endpoints, log) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "CAMOE_CONFIG": str(config),
-        "KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka,
-        "TRITON_URL": endpoints.triton,
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "camoe.cli", "train"], stdout=log, stderr=subprocess.STDOUT, env=env
-    )
 
 
 def _cadence_turns(log_path: Path) -> int:
@@ -122,7 +54,7 @@ def test_sigkill_trainer_resumes_without_training_an_event_twice(trainer_world, 
                         )
                     assert producer.flush(10) == 0
                 turns = _cadence_turns(log_path)
-                process = _start_trainer(config, endpoints, log)
+                process = start_trainer(config, endpoints, log)
                 lives.append(process)
                 # Once it has checkpointed (a turn of the cadence), a random moment: training,
                 # exporting, loading into Triton or checkpointing again.
@@ -138,7 +70,7 @@ def test_sigkill_trainer_resumes_without_training_an_event_twice(trainer_world, 
                 process.wait()
                 kills += 1
 
-            process = _start_trainer(config, endpoints, log)
+            process = start_trainer(config, endpoints, log)
             lives.append(process)
             deadline = time.monotonic() + 120
             while log_path.read_text().count("resumed at version") < kills:  # the last restart
@@ -220,7 +152,7 @@ def test_sigkill_before_the_first_checkpoint_loses_no_event(trainer_world, tmp_p
     assert producer.flush(10) == 0
     log_path = tmp_path / "train.log"
     with log_path.open("ab") as log:
-        process = _start_trainer(write_settings(never, tmp_path / "never.yaml"), endpoints, log)
+        process = start_trainer(write_settings(never, tmp_path / "never.yaml"), endpoints, log)
         deadline = time.monotonic() + 120
         while "assigned" not in log_path.read_text():
             assert process.poll() is None, log_path.read_text()[-3000:]
@@ -232,7 +164,7 @@ def test_sigkill_before_the_first_checkpoint_loses_no_event(trainer_world, tmp_p
         assert Checkpoint.load(s.trainer.checkpoint_dir / "trainer.pt") is None
         assert all(o < 0 for o in _committed(endpoints.kafka, s.trainer.group_id, topic))
 
-        process = _start_trainer(write_settings(s, tmp_path / "settings.yaml"), endpoints, log)
+        process = start_trainer(write_settings(s, tmp_path / "settings.yaml"), endpoints, log)
         saved = _checkpoint_with(
             s.trainer.checkpoint_dir / "trainer.pt", 2_000, process, log_path, 180
         )

@@ -70,3 +70,14 @@ def test_bad_request_gets_its_own_error_and_the_server_keeps_serving(parity_mode
         client.infer(categorical, numeric, fmt)
     pctr, _ = client.infer(categorical, history["numeric"], fmt)
     assert np.isfinite(pctr).all() and pctr.shape == (16,)
+    for index in (3, -1):  # no such tower (-1 would wrap to display in the graph)
+        wrong = fmt.copy()
+        wrong[5] = index
+        message = rf"format index {index} is out of range: the model has 0 audio, 1 video, 2"
+        with pytest.raises(InferenceServerException, match=message):
+            client.infer(categorical, history["numeric"], wrong)
+    # Out-of-vocabulary categorical indices are the documented "unknown" (index 0).
+    unknown = categorical.copy()
+    unknown[:, 0] = 10_000
+    pctr, _ = client.infer(unknown, history["numeric"], fmt)
+    assert np.isfinite(pctr).all()

@@ -42,8 +42,9 @@ def test_promtool_accepts_the_configuration_and_the_rules_pass_their_tests(args)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def served_names() -> set[str]:
-    """Every sample name the components' metrics expose."""
+def served_samples() -> list[tuple[str, set[str]]]:
+    """(name, label names) of every sample the components' metrics expose, with each
+    labelled metric observed once."""
     registry = CollectorRegistry()
     ScoringMetrics(registry).stage_seconds.labels("total").observe(0.001)
     registry.register(LabelerCollector(Labeler("f", "l", "s", 10.0)))
@@ -55,13 +56,27 @@ def served_names() -> set[str]:
     )
     registry.register(StreamCollector(app))
     trainer = SimpleNamespace(
-        t=Settings().trainer, examples=0, events=0, rejected=0, version=0, waiting=[], ready=[]
+        t=Settings().trainer,
+        examples=0,
+        events=0,
+        rejected=0,
+        version=0,
+        pinned=0,
+        waiting=[],
+        ready=[],
     )
     metrics = TrainerMetrics(trainer, registry)
     metrics.gate.labels("passed", "logloss").inc()
     metrics.prequential({"audio_ece": 0.0})
+    metrics.steps({"write": 0.1})
     text = generate_latest(registry).decode()
-    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    families = text_string_to_metric_families(text)
+    return [(s.name, set(s.labels)) for f in families for s in f.samples]
+
+
+def served_names() -> set[str]:
+    """Every sample name the components' metrics expose."""
+    return {name for name, _ in served_samples()}
 
 
 def test_the_rules_name_only_served_metrics():

@@ -15,7 +15,9 @@ from camoe.settings import ROOT, ServiceUrlSource, Settings
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 APP_SERVICES = ("scoring", "labeler", "trainer")
-EXPECTED_SERVICES = {"kafka", "kafka-init", "redis", "triton", *APP_SERVICES}
+EXPECTED_SERVICES = {"kafka", "kafka-init", "redis", "triton", "prometheus", "grafana"} | set(
+    APP_SERVICES
+)
 # Variables the containers need that are not settings (they configure Python itself).
 NON_SETTINGS_VARIABLES = {"PYTHONUNBUFFERED"}
 
@@ -86,7 +88,7 @@ def test_every_published_port_binds_loopback(services: dict[str, dict[str, Any]]
             else:
                 assert isinstance(port, str), f"{name}: write ports as quoted strings: {port!r}"
                 assert port.startswith("127.0.0.1:"), f"{name}: {port}"
-    assert published >= 5  # kafka, redis, triton x3
+    assert published >= 7  # kafka, redis, triton x3, prometheus, grafana
 
 
 def test_kafka_single_node_kraft(services: dict[str, dict[str, Any]]) -> None:
@@ -227,3 +229,46 @@ def test_settings_path_rejects_unknown_variables() -> None:
     assert settings_path("CAMOE_FEAST__ONLINE_STOR") is None
     assert settings_path("CAMOE_FEAST") is None
     assert settings_path("KAFKA_BROKERS") is None
+
+
+def test_prometheus_scrapes_each_component_at_the_port_it_serves_on(
+    services: dict[str, dict[str, Any]], clean_env: pytest.MonkeyPatch
+) -> None:
+    prometheus = services["prometheus"]
+    assert "./monitoring:/etc/prometheus:ro" in prometheus["volumes"]
+    config_file = option(prometheus["command"], "--config.file")
+    assert config_file is not None and config_file.startswith("/etc/prometheus/")
+    config = yaml.safe_load((ROOT / "monitoring" / config_file.split("/", 3)[3]).read_text())
+    host = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
+    assert config["rule_files"] == host["rule_files"]
+    targets = {
+        job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]
+    }
+    assert set(targets) == {job["job_name"] for job in host["scrape_configs"]}
+    for name in APP_SERVICES:
+        env = environment(services[name])
+        for variable, value in env.items():
+            clean_env.setenv(variable, value)
+        section = getattr(Settings(), name)
+        for variable in env:
+            clean_env.delenv(variable)
+        assert targets[name] == [f"{name}:{section.metrics_port}"]
+        assert section.metrics_address == "0.0.0.0"  # reachable on the compose network
+
+
+def test_grafana_is_provisioned_with_the_dashboard_and_prometheus(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    volumes = services["grafana"]["volumes"]
+    assert "./monitoring/grafana/provisioning:/etc/grafana/provisioning:ro" in volumes
+    assert "./monitoring/grafana/dashboards:/var/lib/grafana/dashboards:ro" in volumes
+    grafana = ROOT / "monitoring" / "grafana"
+    (source,) = yaml.safe_load(
+        (grafana / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )["datasources"]
+    assert source["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load(
+        (grafana / "provisioning" / "dashboards" / "camoe.yml").read_text()
+    )["providers"]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    assert list((grafana / "dashboards").glob("*.json")), "no dashboard"

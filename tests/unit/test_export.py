@@ -16,8 +16,16 @@ import torch
 import trainer.export as export
 from camoe.features import FORMATS, FeatureLayout
 from camoe.settings import ROOT, Settings
-from trainer.export import Publisher, PublishError, default_staging, export_onnx, versions
+from trainer.export import (
+    Publisher,
+    PublishError,
+    PublishHeld,
+    default_staging,
+    export_onnx,
+    versions,
+)
 from trainer.model import ServingModel, build_camoe
+from trainer.versions import PIN, Pin, VersionState, read_record, table, write_json
 
 SETTINGS = Settings()
 LAYOUT = FeatureLayout(SETTINGS.features.n_campaigns)
@@ -135,8 +143,13 @@ def test_publish_versions_atomically_and_keeps_newest_two(model, repo, monkeypat
         assert versions(model_dir) == kept
         for v in kept:
             folder = model_dir / str(v)
-            assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.py"]
+            assert sorted(p.name for p in folder.iterdir()) == [
+                "model.onnx",
+                "model.py",
+                "version.json",
+            ]
             assert (folder / "model.py").read_bytes() == RUNNER.read_bytes()
+            assert read_record(folder)["version"] == v
         assert list(staging.iterdir()) == [], "leftover in staging"
         assert [p.name for p in repo.iterdir()] == ["camoe"], "only the model in the repository"
         assert publisher.next_version() == version + 1
@@ -205,3 +218,39 @@ def test_config_pbtxt_matches_feature_layout(path):
     assert _dims(config, "format") == [1]
     assert _dims(config, "pctr") == [1]
     assert re.search(rf'^name:\s*"{SETTINGS.triton.model_name}"', config, re.MULTILINE)
+
+
+def test_a_pinned_model_is_not_published(model, repo):
+    publisher = Publisher(model_repo=repo, model_name="camoe", client=None)
+    assert publisher.publish(model, _check_batch()) == 1
+    write_json(repo / "camoe" / PIN, {"version": 1, "reason": "pin", "at_ms": 0})
+    with pytest.raises(PublishHeld, match=r"pinned version 1 .*camoe models resume"):
+        publisher.publish(model, _check_batch())
+    assert versions(repo / "camoe") == [1]
+    assert list(publisher.staging.iterdir()) == []
+
+
+def test_the_versions_table_shows_the_pin_and_each_versions_record():
+    record = {
+        "exported_at_ms": 1_764_820_000_000,
+        "examples_trained": 12_345,
+        "metrics": {"audio_auc_pr": 0.0551, "video_auc_pr": 0.2, "audio_ece": 0.004},
+        "clicks_learned": 321,
+        "first_click_ms": 1_764_819_990_000,
+        "last_click_ms": 1_764_819_999_000,
+    }
+    states = [
+        VersionState(3, True, "READY", False, {}),
+        VersionState(4, True, "READY", True, record),
+        VersionState(5, True, "", False, {}),
+    ]
+    lines = table(states, Pin(4, "rollback", 1_764_820_100_000))
+    assert lines[0].startswith("pinned: version 4 (rollback at 2025-12-04 03:48:20 UTC)")
+    header, newest, pinned, oldest = lines[1:]
+    assert header.split()[:4] == ["version", "disk", "triton", "serving"]
+    assert newest.split() == ["5", "yes", "-", "-", "-", "-/-/-", "-/-/-", "-"]
+    assert pinned.split() == [
+        "4", "yes", "READY", "*", "2025-12-04", "03:46:40", "12,345", "0.055/0.200/-",
+        "0.004/-/-", "321", "(03:46:30", "to", "03:46:39)",
+    ]  # fmt: skip
+    assert oldest.split()[:3] == ["3", "yes", "READY"]

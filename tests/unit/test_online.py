@@ -20,6 +20,7 @@ from trainer.export import Publisher, versions
 from trainer.model import build_served_camoe
 from trainer.online import Checkpoint, Examples, IncrementalTrainer, Window, quality_gate
 from trainer.train import fit
+from trainer.versions import PIN, read_record, write_json
 
 TOPIC = "labelled-events"
 
@@ -346,3 +347,33 @@ def test_fake_negative_events_train_at_once_with_their_weights(world_and_model, 
         if tensor.is_floating_point() and not torch.equal(weighted.model.state_dict()[name], tensor)
     ]
     assert differs  # the fake-negative weights changed the steps
+
+
+def test_a_pin_holds_publishing_while_training_goes_on(world_and_model, tmp_path, caplog):
+    settings, history, state = world_and_model
+    often = settings.trainer.model_copy(
+        update={"publish_every_examples": 150, "publish_time_share": 1.0}
+    )
+    trainer = trainer_for(settings.model_copy(update={"trainer": often}), state, tmp_path, None)
+    model_dir = tmp_path / "repo" / "camoe"
+    trainer(records(labelled_events(history, 1500, 300), 0))
+    assert versions(model_dir) == [1]
+    write_json(model_dir / PIN, {"version": 1, "reason": "rollback", "at_ms": 0})
+    examples = trainer.examples
+    for start in (300, 500, 700):  # three turns of the cadence
+        assert trainer(records(labelled_events(history, 1500 + start, 200), start)).outputs == []
+    assert trainer.examples > examples  # it learned
+    assert versions(model_dir) == [1]  # and published nothing
+    assert trainer.metrics.registry.get_sample_value("camoe_trainer_pinned_version") == 1
+    assert caplog.text.count("publishing held") == 1  # one line for the state change
+
+    (model_dir / PIN).unlink()
+    (update,) = trainer(records(labelled_events(history, 2400, 300), 900)).outputs
+    assert update.value["version"] == 2 and versions(model_dir) == [1, 2]
+    assert trainer.metrics.registry.get_sample_value("camoe_trainer_pinned_version") == 0
+    assert "publishing resumed" in caplog.text
+    record = read_record(model_dir / "2")
+    assert record["examples_trained"] == trainer.examples
+    assert record["clicks_learned"] == len(update.value["learned_click_times"]) > 0
+    assert record["first_click_ms"] == min(update.value["learned_click_times"])
+    assert record["metrics"]["audio_logloss"] == update.value["metrics"]["audio_logloss"]

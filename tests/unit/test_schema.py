@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 
 from camoe.clients.feature_store import counter_pusher
-from camoe.features import FEATURES, VIEW_ENTITIES, FeatureLayout, stored
+from camoe.features import FEATURES, FORMATS, VIEW_ENTITIES, FeatureLayout, stored
 from camoe.settings import ROOT, Settings
 from camoe.sim.traffic import World
 
@@ -88,6 +88,13 @@ def test_triton_configs_take_the_schemas_arrays(config):
         "format": ("TYPE_INT64", [1]),
     }
     assert max_batch == SETTINGS.triton.max_batch_size
+
+
+def test_the_cpu_config_names_the_schemas_formats_in_index_order():
+    text = TRITON_CONFIGS[0].read_text()
+    found = re.search(r'key:\s*"formats"\s+value:\s*\{\s*string_value:\s*"([^"]*)"', text)
+    assert found is not None
+    assert tuple(found.group(1).split(",")) == FORMATS
 
 
 def test_the_layout_is_the_schema_in_array_order():

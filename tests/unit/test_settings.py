@@ -214,3 +214,47 @@ def test_components_stream_options_come_from_one_declaration():
     assert s.labeler.guarantee == "exactly-once"
     with pytest.raises(ValidationError, match="exactly-once"):
         Settings(labeler={"guarantee": "at-least-once"})
+
+
+# --- Redis credentials ----------------------------------------------------------------
+
+
+def test_redis_password_comes_from_the_environment_and_is_never_shown(monkeypatch):
+    monkeypatch.setenv("CAMOE_REDIS__USERNAME", "camoe")
+    monkeypatch.setenv("CAMOE_REDIS__PASSWORD", "hunter2")
+    redis = Settings().redis
+    assert redis.secret() == "hunter2"
+    assert "hunter2" not in repr(redis) and "hunter2" not in Settings().model_dump_json()
+
+
+def test_redis_password_file_is_read_and_a_missing_one_is_one_line(tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("from-a-file\n")
+    assert Settings(redis={"password_file": secret}).redis.secret() == "from-a-file"
+    missing = Settings(redis={"password_file": tmp_path / "nope"}).redis
+    with pytest.raises(ValueError, match=r"redis\.password_file: cannot read"):
+        missing.secret()
+
+
+@pytest.mark.parametrize(
+    ("redis", "says"),
+    [
+        ({"username": "camoe"}, "no password is set"),
+        ({"password": "a", "password_file": "/x"}, "not both"),
+    ],
+)
+def test_redis_credentials_that_cannot_work_are_refused(redis, says):
+    with pytest.raises(ValidationError, match=says):
+        Settings(redis=redis)
+
+
+def test_feast_connection_string_carries_the_acl_user():
+    from camoe.clients.feature_store import redis_connection_string
+    from camoe.settings import RedisSettings
+
+    url = "redis://127.0.0.1:6380/0"
+    assert redis_connection_string(url) == "127.0.0.1:6380"
+    with_user = RedisSettings(username="camoe", password="pw")
+    assert redis_connection_string(url, with_user) == "127.0.0.1:6380,username=camoe,password=pw"
+    with pytest.raises(ValueError, match="cannot hold"):
+        redis_connection_string(url, RedisSettings(password="a,b"))

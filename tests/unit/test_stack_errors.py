@@ -85,6 +85,13 @@ def test_busy_configured_port_stops_stack_up(tmp_path):
     assert Stack(settings).status()["redis"] == "down"
 
 
+def test_a_configured_address_is_not_recorded_as_the_stacks(tmp_path):
+    elsewhere = Settings(kafka={"bootstrap_servers": "127.0.0.1:1"}, stack={"state_dir": tmp_path})
+    assert Stack(elsewhere).up(()).kafka == "127.0.0.1:1"
+    # A later process without the setting must not take that broker for the stack's own.
+    assert Stack(Settings(stack={"state_dir": tmp_path})).endpoints().kafka is None
+
+
 def test_missing_java_maven_and_redis(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no tool is found
     with pytest.raises(PrerequisiteError, match="Java 17"):
