@@ -7,7 +7,12 @@ import gc
 import logging
 from threading import Event
 
-from camoe.clients.feature_store import OnlineFeatures, counter_pusher, open_store
+from camoe.clients.feature_store import (
+    OnlineFeatures,
+    counter_pusher,
+    open_store,
+    profile_restorer,
+)
 from camoe.clients.kafka import cluster_id
 from camoe.clients.triton import TritonClient
 from camoe.settings import Settings, StreamSettings
@@ -145,8 +150,10 @@ def run_labeler(settings: Settings, stop: Event) -> None:
             bootstrap, state, app.sinks[state], partitions
         ),
         push_counters=counter_pusher(store),
+        restore_store=profile_restorer(store),
         negative_sampling_rate=settings.labeler.negative_sampling_rate,
         fake_negative=settings.labeler.feedback == "fake-negative",
+        max_clock_skew_s=settings.labeler.max_clock_skew_s,
     )
     app.registry.register(LabelerCollector(labeler))
     _serve_metrics(app, settings.labeler)

@@ -181,6 +181,13 @@ class StreamSettings(Section):
 
     group_id: str
     guarantee: DeliveryGuarantee = "at-least-once"
+    max_clock_skew_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="an input whose event time is further ahead of this process's clock is "
+        "dead-lettered: a time far in the future would make the labeler close every open "
+        "window at once. Times in the past are a backlog and are processed",
+    )
     batch_size: int = Field(
         default=500,
         gt=0,

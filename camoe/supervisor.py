@@ -29,10 +29,18 @@ class ComponentError(RuntimeError):
 
 
 def write_settings(settings: Settings, path: Path) -> Path:
-    """Writes the settings as a config file, so child processes share them exactly."""
+    """Writes the settings as a config file, so child processes share them exactly; a
+    password stays out of it (``secret_environment`` hands it over)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    values = settings.model_dump(mode="json", exclude={"redis": {"password"}})
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
     return path
+
+
+def secret_environment(settings: Settings) -> dict[str, str]:
+    """The secrets a child process needs, as the environment variables settings read."""
+    password = settings.redis.password
+    return {} if password is None else {"CAMOE_REDIS__PASSWORD": password.get_secret_value()}
 
 
 @contextmanager
@@ -51,6 +59,7 @@ def components(
         **os.environ,
         "CAMOE_CONFIG": str(config),
         "KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka or "",
+        **secret_environment(settings),
     }
     if endpoints.triton:
         env["TRITON_URL"] = endpoints.triton

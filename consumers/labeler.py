@@ -45,7 +45,10 @@ Feast's counter views (the online store), so scoring sees fresh counters. Counte
 kept per partition (one user's impressions come from every partition) and written as
 the sum over this worker's partitions: exact with one labeler worker (the default), a
 worker's share with more. A write happens before its transaction commits; a crash
-before the commit is corrected by the write of the replayed batch.
+before the commit is corrected by the write of the replayed batch. While the store
+cannot be written, labelling goes on and the changed counters wait; once a write gets
+through again, the labeler materialises the profiles again and writes every counter it
+holds, since a store without persistence comes back empty.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
+from camoe.clients.feature_store import FeatureStoreDown
 from camoe.streaming.app import BatchResult, Output, Record
 
 log = logging.getLogger(__name__)
@@ -180,7 +184,12 @@ class Labeler:
         feature_log_topic, labelled_topic, state_topic: topic names (state: the changelog).
         window_s: attribution window.
         read_state: reads the changelog of partitions on assignment; None starts empty.
-        push_counters: called with (user counters, ad counters) to push into Feast, or None.
+        push_counters: called with (user counters, ad counters) to push into Feast, or None;
+            it raises ``FeatureStoreDown`` when the store cannot be written.
+        restore_store: called when the store is back after being down, before every
+            counter is pushed again (the profiles' materialisation), or None.
+        max_clock_skew_s: an input whose event time is further ahead of the clock is
+            dead-lettered (it would close every open window of its partition at once).
         clock_ms: the wall clock (milliseconds), replaceable in tests.
         negative_sampling_rate: the share of negatives emitted (see ``keeps_negative``);
             each carries weight ``1 / negative_sampling_rate``.
@@ -199,6 +208,8 @@ class Labeler:
         clock_ms: Callable[[], int] | None = None,
         negative_sampling_rate: float = 1.0,
         fake_negative: bool = False,
+        restore_store: Callable[[], None] | None = None,
+        max_clock_skew_s: float = 300.0,
     ) -> None:
         if not 0 < negative_sampling_rate <= 1:
             raise ValueError(
@@ -212,6 +223,9 @@ class Labeler:
         self.window_ms = int(window_s * 1000)
         self.read_state = read_state
         self.push_counters = push_counters
+        self.restore_store = restore_store
+        self.max_skew_ms = int(max_clock_skew_s * 1000)
+        self._store_down_since: float | None = None  # monotonic; None while writes work
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self.partitions: dict[int, PartitionState] = {}
         self.counts: Counter[str] = Counter()
@@ -268,6 +282,17 @@ class Labeler:
         for record in records:
             n = record.partition
             state = self.partitions.setdefault(n, PartitionState())
+            ahead_ms = record.value["event_time"] - clock
+            if ahead_ms > self.max_skew_ms:
+                self.counts["future_events"] += 1
+                result.dead_letters.append(
+                    (
+                        record,
+                        f"event time {ahead_ms / 1000:.0f} s ahead of the clock, more than "
+                        f"labeler.max_clock_skew_s={self.max_skew_ms / 1000:g}",
+                    )
+                )
+                continue
             if record.topic == self.feature_log_topic:
                 state.impressions.read(record.value["event_time"], clock)
                 self._on_impression(n, state, record, result)
@@ -280,11 +305,34 @@ class Labeler:
             self._forget(n, state, state.clicks.now(clock, self.window_ms))
         result.outputs.extend(self._changelog())
         if self.push_counters and self._unpushed:
-            self.push_counters(*self._totals(self._unpushed))
-            self.counts["counter_pushes"] += 1
-            self.counts["counters_pushed"] += len(self._unpushed)
-            self._unpushed.clear()
+            self._push(self.push_counters)
         return result
+
+    def _push(self, push: PushCounters) -> None:
+        """Pushes the counters changed since the last push, or, the first time the store
+        answers after being down, the profiles and every counter."""
+        down_since = self._store_down_since
+        keys = self._counter_keys() if down_since is not None else self._unpushed
+        try:
+            if down_since is not None and self.restore_store:
+                self.restore_store()
+            push(*self._totals(keys))
+        except FeatureStoreDown as error:
+            self.counts["counter_push_failures"] += 1
+            if down_since is None:
+                self._store_down_since = time.monotonic()
+                log.warning("feature store unreachable (%s): counters wait for it", error)
+            return
+        if down_since is not None:
+            log.info(
+                "feature store back after %.1f s: every counter pushed again (%d)",
+                time.monotonic() - down_since,
+                len(keys),
+            )
+            self._store_down_since = None
+        self.counts["counter_pushes"] += 1
+        self.counts["counters_pushed"] += len(keys)
+        self._unpushed.clear()
 
     def _on_impression(
         self, n: int, state: PartitionState, record: Record, result: BatchResult

@@ -35,6 +35,12 @@ class ScoringMetrics:
         self.fallbacks = Counter(
             "camoe_scoring_fallback_requests", "Requests answered by prior CTRs", registry=r
         )
+        self.feature_store_down = Counter(
+            "camoe_scoring_feature_store_down_requests",
+            "Requests scored while the feature store could not be read (cached rows and "
+            "defaults, flagged features_unavailable)",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "camoe_scoring_batch_requests",
             "Requests per batch",
@@ -71,15 +77,19 @@ LABELER_COUNTS = {
     "duplicate_clicks": ("clicks", "duplicate"),
     "unknown_clicks": ("clicks", "unknown"),
     "duplicate_impressions": ("impressions", "duplicate"),
+    "future_events": ("future_events", None),
     "counter_pushes": ("feature_pushes", None),
     "counters_pushed": ("feature_rows_pushed", None),
+    "counter_push_failures": ("feature_push_failures", None),
 }
 LABELER_HELP = {
     "labels": "Impressions labelled, by kind (a negative sampled out is counted, not emitted)",
     "clicks": "Clicks that labelled nothing: a duplicate, or one whose impression never came",
     "impressions": "Feature-log rows already known (a request scored again after a crash)",
+    "future_events": "Inputs dead-lettered for an event time beyond the clock's skew",
     "feature_pushes": "Pushes of fresh user and ad counters to the online store",
     "feature_rows_pushed": "User and ad rows written by those pushes",
+    "feature_push_failures": "Pushes the online store could not take (the counters wait)",
 }
 
 

@@ -164,6 +164,12 @@ class Scorer:
             result.dead_letters += alone.dead_letters
 
     def check(self, request: dict[str, Any]) -> None:
+        ahead_s = request["event_time"] / 1000 - time.time()
+        if ahead_s > self.settings.scoring.max_clock_skew_s:
+            raise RequestError(
+                f"event time is {ahead_s:.0f} s ahead of the clock, more than "
+                f"scoring.max_clock_skew_s={self.settings.scoring.max_clock_skew_s:g}"
+            )
         candidates = request["candidates"]
         if not candidates:
             raise RequestError("request has no candidates")
@@ -249,6 +255,9 @@ class Scorer:
         call = self.triton.infer_async(encoded.categorical, encoded.numeric, encoded.fmt)
         bounds = np.searchsorted(encoded.request, np.arange(len(requests) + 1))
         flags = self._flags(encoded, len(requests))
+        if self.features.unavailable:  # scored from cached rows and defaults
+            self.metrics.feature_store_down.inc(len(requests))
+            flags = [sorted([*f, "features_unavailable"]) for f in flags]
         return Wave(requests, encoded, bounds, flags, call, started, features_done)
 
     def _result(self, wave: Wave) -> tuple[np.ndarray, str]:
@@ -268,7 +277,8 @@ class Scorer:
     def _flags(encoded: Encoded, requests: int) -> list[list[str]]:
         """Each request's flags, sorted: ``degraded`` when a default stood in for a stored
         value of any of its candidates, ``unknown_user`` / ``unknown_ad`` when the store has
-        no profile for them."""
+        no profile for them (``_send`` adds ``features_unavailable`` when the store could
+        not be read)."""
         per_request: list[set[str]] = [set() for _ in range(requests)]
         for name, rows in (
             ("degraded", ~encoded.complete),

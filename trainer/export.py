@@ -43,7 +43,16 @@ from torch import nn
 
 from camoe.clients.triton import InferenceServerException, TritonClient
 from trainer.model import ServingModel
-from trainer.versions import RECORD, Pin, load_served, read_pin, serving_lock, versions, write_json
+from trainer.versions import (
+    RECORD,
+    Pin,
+    load_served,
+    read_pin,
+    serving_lock,
+    set_aside,
+    versions,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +156,10 @@ class Publisher:
         staging: Path | None = None,
     ) -> None:
         self.model_dir = Path(model_repo) / model_name
-        self.staging = Path(staging or default_staging(Path(model_repo))) / model_name
+        root = Path(staging or default_staging(Path(model_repo)))
+        self.staging = root / model_name
+        # Versions that could not load, moved out of the repository (versions.load_served).
+        self.broken = root / ".broken" / model_name
         self.client = client
         self.keep = keep
         self.steps: dict[str, float] = {}
@@ -162,8 +174,7 @@ class Publisher:
             )
 
     def next_version(self) -> int:
-        existing = versions(self.model_dir)
-        return (existing[-1] + 1) if existing else 1
+        return max(versions(self.model_dir) + set_aside(self.broken), default=0) + 1
 
     def publish(self, model: nn.Module, check: Batch, record: dict[str, Any] | None = None) -> int:
         """Exports ``model`` as the next version and makes Triton serve it.
@@ -298,7 +309,7 @@ class Publisher:
         try:
             shutil.rmtree(target)
             with serving_lock(self.model_dir), _LOAD_LOCK:
-                load_served(client, self.model_dir)
+                load_served(client, self.model_dir, self.broken)
         except Exception as failure:
             raise PublishError(
                 f"version {target.name} failed ({error}) and so did its roll-back ({failure}): "

@@ -70,7 +70,7 @@ from trainer.metrics import per_format
 from trainer.model import fake_negative_weights, masked_bce, observed_pctr, select_task
 from trainer.monitoring import TrainerMetrics
 from trainer.train import to_tensors
-from trainer.versions import pin_holds
+from trainer.versions import keep_served
 
 log = logging.getLogger(__name__)
 CHECK_ROWS = 64  # rows of the last trained batch a candidate is checked on in Triton
@@ -553,8 +553,9 @@ class IncrementalTrainer:
         return Output(self.topic, str(version), announcement)
 
     def _held(self) -> bool:
-        """Whether an operator's pin holds publishing (logged when that changes)."""
-        pin = pin_holds(self.publisher.client, self.publisher.model_dir)
+        """Whether an operator's pin holds publishing (logged when that changes), after
+        making sure Triton serves what it should (``keep_served``)."""
+        pin = keep_served(self.publisher.client, self.publisher.model_dir, self.publisher.broken)
         if pin is not None and pin.version != self.pinned:
             log.warning(
                 "publishing held: an operator pinned version %d (%s); training goes on, "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -27,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from camoe.clients.triton import InferenceServerException, TritonClient
+from camoe.clients.triton import InferenceServerException, TritonClient, repository_config
+
+log = logging.getLogger(__name__)
 
 RECORD = "version.json"
 PIN = "pin.json"
@@ -40,6 +43,14 @@ class VersionsError(Exception):
 def versions(model_dir: Path) -> list[int]:
     """The version numbers on disk, oldest first."""
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def set_aside(broken: Path) -> list[int]:
+    """The versions ``load_served`` moved into ``broken`` (folders ``<version>-<ms>``): their
+    numbers are never given to another version."""
+    if not broken.is_dir():
+        return []
+    return sorted(int(p.name.split("-")[0]) for p in broken.iterdir() if p.name[0].isdigit())
 
 
 @dataclass(frozen=True)
@@ -83,23 +94,81 @@ def serving_lock(model_dir: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def load_served(client: TritonClient, model_dir: Path) -> None:
+def load_served(client: TritonClient, model_dir: Path, broken: Path | None = None) -> None:
     """(Re)loads the model as it should serve: the pinned version alone if one is pinned,
-    else the newest versions that config.pbtxt's policy names. Call under serving_lock."""
+    else the newest versions that config.pbtxt's policy names. Call under serving_lock.
+
+    With ``broken`` (a folder on the repository's filesystem: the publisher's), newest
+    versions that cannot load even alone (a corrupt folder) are moved out of the
+    repository into it, kept there for a look, and the versions left serve: one such
+    version must neither keep the model down nor fail every later publish. When no
+    version loads alone, the fault is not a version's (the environment, the
+    configuration): nothing is moved and the load's error is raised."""
     pin = read_pin(model_dir)
-    if pin is None:
-        client.load()
+    if pin is not None:
+        client.load({**repository_config(model_dir), **_only(pin.version)})
         return
-    client.load({**client.config(), "version_policy": {"specific": {"versions": [pin.version]}}})
+    try:
+        client.load()
+    except InferenceServerException as error:
+        if broken is None:
+            raise
+        _set_aside_unloadable(client, model_dir, broken, error)
 
 
-def pin_holds(client: TritonClient | None, model_dir: Path) -> Pin | None:
-    """The pin, if one stands, after making sure Triton (if any) serves it: it forgets
-    pins when it restarts. None when nothing is pinned."""
+def _only(version: int) -> dict[str, Any]:
+    return {"version_policy": {"specific": {"versions": [version]}}}
+
+
+def _set_aside_unloadable(
+    client: TritonClient, model_dir: Path, broken: Path, error: InferenceServerException
+) -> None:
+    config = repository_config(model_dir)
+    unloadable = []
+    for version in reversed(versions(model_dir)):
+        try:
+            client.load({**config, **_only(version)})
+        except InferenceServerException:
+            unloadable.append(version)
+        else:
+            serving = version
+            break
+    else:
+        raise error  # none loads alone: not a version's fault
+    broken.mkdir(parents=True, exist_ok=True)
+    for version in unloadable:
+        os.replace(model_dir / str(version), broken / f"{version}-{int(time.time() * 1000)}")
+    try:
+        client.load()  # the policy's versions, the unloadable ones gone
+    except InferenceServerException:
+        client.load({**config, **_only(serving)})  # an older one fails as well: this alone
+    log.warning(
+        "%s: %s could not load (%s); version %d serves",
+        model_dir.name,
+        f"version(s) {', '.join(map(str, unloadable))} moved to {broken}: they"
+        if unloadable
+        else "an older version of the policy",
+        str(error).splitlines()[0][:200],
+        serving,
+    )
+
+
+def keep_served(
+    client: TritonClient | None, model_dir: Path, broken: Path | None = None
+) -> Pin | None:
+    """The pin, if one stands (None when nothing is pinned), after making sure Triton (if
+    any, and reachable) serves what it should: a restarted Triton forgets pins, and can
+    find a newest version that cannot load (``load_served`` sets it aside)."""
     pin = read_pin(model_dir)
-    if pin is not None and client is not None and client.ready_versions() != [pin.version]:
-        with serving_lock(model_dir):
-            load_served(client, model_dir)
+    if client is None:
+        return pin
+    try:
+        ready = client.ready_versions()
+        if (ready != [pin.version]) if pin is not None else (not ready and versions(model_dir)):
+            with serving_lock(model_dir):
+                load_served(client, model_dir, broken)
+    except InferenceServerException:
+        pass  # Triton down: the caller's next turn tries again; the publish reports it
     return pin
 
 

@@ -59,7 +59,7 @@ from camoe.sim.traffic import World
 from camoe.stack.stack import Endpoints, Stack
 from camoe.streaming.app import consume_batch
 from camoe.streaming.avro import AvroCodec
-from camoe.supervisor import write_settings
+from camoe.supervisor import secret_environment, write_settings
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +201,13 @@ class ScoreReader:
         self._consumer.close()
 
 
-def _start_scorer(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+def _start_scorer(settings: Settings, config: Path, log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "camoe.cli", "score"],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "CAMOE_CONFIG": str(config)},
+            env={**os.environ, "CAMOE_CONFIG": str(config), **secret_environment(settings)},
         )
 
 
@@ -570,7 +570,7 @@ def run(
         gc.freeze()
 
         progress(f"fixed load: {rate:.0f} requests/s, {warmup_s:.0f}s warm-up + {seconds:.0f}s")
-        scorer = running = _start_scorer(config, state / "score.log")
+        scorer = running = _start_scorer(s, config, state / "score.log")
 
         def answering() -> bool:
             return running.poll() is None
@@ -598,7 +598,7 @@ def run(
         backlog = [world.request(rng, 0) for _ in range(requests)]
         _produce(endpoints.kafka or "", topics.ad_requests.name, backlog)
         reader.stages.clear()
-        scorer = _start_scorer(config, state / "score.log")
+        scorer = _start_scorer(s, config, state / "score.log")
         _wait_for_drain(
             endpoints.kafka or "", s.scoring.group_id, topics.ad_requests.name, scorer, 600
         )

@@ -7,20 +7,28 @@ or Redis at the stack's address), so tests and the demo never edit that file.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import redis
+
 from camoe.features import AD_COUNTERS, AD_PROFILE, USER_COUNTERS, USER_PROFILE
 from camoe.settings import FeastSettings, RedisSettings
 
 log = logging.getLogger(__name__)
+
+
+# A Redis that does not answer within these is treated as down (seconds).
+FAIL_FAST_TIMEOUTS = ",socket_connect_timeout=1,socket_timeout=2"
 
 
 def redis_connection_string(url: str, credentials: RedisSettings | None = None) -> str:
@@ -40,8 +48,6 @@ def redis_connection_string(url: str, credentials: RedisSettings | None = None) 
 def check_redis(url: str, credentials: RedisSettings | None = None) -> None:
     """Raises ValueError, in one line naming the setting to fix, when Redis at ``url`` is
     unreachable or refuses the configured user (the password is never shown)."""
-    import redis
-
     address = redis_connection_string(url).split(",")[0]
     password = credentials.secret() if credentials else None
     client = redis.Redis.from_url(
@@ -89,7 +95,8 @@ def open_store(
         check_redis(redis_url, credentials)
         online: dict[str, Any] = {
             "type": "redis",
-            "connection_string": redis_connection_string(redis_url, credentials),
+            "connection_string": redis_connection_string(redis_url, credentials)
+            + FAIL_FAST_TIMEOUTS,
         }
     else:
         online = {"type": "sqlite", "path": str(data / "online_store.db")}
@@ -102,7 +109,17 @@ def open_store(
         entity_key_serialization_version=3,
         repo_path=str(repo),
     )
-    return FeatureStore(repo_path=str(repo), config=config)
+    store = FeatureStore(repo_path=str(repo), config=config)
+    if settings.online_store == "redis":
+        # redis-py retries a refused connection three times with backoff of up to 10 s:
+        # a scorer would stall its batch through an outage, so fail at once instead
+        # (``OnlineFeatures`` serves cached rows, the labeler's counters wait).
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        online_store = store._get_provider().online_store
+        online_store._get_client(config.online_store).set_retry(Retry(NoBackoff(), 0))
+    return store
 
 
 def apply_and_materialize(store: Any) -> None:
@@ -122,6 +139,11 @@ def apply_and_materialize(store: Any) -> None:
     objects = [value for value in vars(module).values() if isinstance(value, kinds)]
     store.apply(objects)
     log.info("feast: applied %d objects from %s", len(objects), repo)
+    materialize(store)
+
+
+def materialize(store: Any) -> None:
+    """Writes the offline store's rows of every feature view into the online store."""
     # The whole history, not materialize_incremental: the registry remembers the last
     # run, but a freshly started online store (a new Redis) holds nothing of it.
     now = datetime.now(UTC)
@@ -129,6 +151,13 @@ def apply_and_materialize(store: Any) -> None:
 
 
 MATERIALIZE_HISTORY = timedelta(days=366)  # the longest feature-view TTL, plus a day
+# What the online store raises when it cannot be reached (Redis down or restarting; a
+# Redis still loading its data answers BUSY LOADING, a ConnectionError too).
+STORE_DOWN: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
+
+
+class FeatureStoreDown(ConnectionError):
+    """The online store could not be written; the caller keeps what it wanted to write."""
 
 
 class OnlineFeatures:
@@ -184,12 +213,19 @@ class OnlineFeatures:
         self._redis = store.config.online_store.type == "redis"
         self._redis_keys: dict[tuple[str, str], bytes] = {}
         self._redis_plans: dict[str, tuple[list[Any], list[Any]]] = {}  # per join key
+        self.unavailable = False  # the last read could not reach the store
+        self._down_since: float | None = None
 
     def read(
         self, user_ids: Iterable[str], ad_ids: Iterable[str]
     ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
         """(users, ads): the features of each known id; an unknown one (no profile) is
-        absent. Features the store lacks for a known entity (no counters yet) are None."""
+        absent. Features the store lacks for a known entity (no counters yet) are None.
+
+        When the store cannot be reached the read still answers, from the cache (expired
+        rows included) and otherwise without the entity, and ``unavailable`` is True
+        until a read reaches it again."""
+        self.unavailable = False
         return (
             self._read("user_id", sorted(set(user_ids)), USER_PROFILE[0]),
             self._read("ad_id", sorted(set(ad_ids)), AD_PROFILE[0]),
@@ -210,7 +246,20 @@ class OnlineFeatures:
         if stale:
             missing = sorted(stale)
             fetch = self._fetch_redis if self._redis else self._fetch_views
-            for (view, entity), row in fetch(key, missing).items():
+            try:
+                fetched = fetch(key, missing)
+            except STORE_DOWN as error:
+                self._store_down(error)
+                # Expired rows are better than defaults while the store cannot answer.
+                for view, _ in self._views[key]:
+                    for entity in missing:
+                        hit = self._cache.get((view.name, entity))
+                        if hit is not None and hit[1] is not None:
+                            merged.setdefault(entity, {}).update(hit[1])
+                fetched = {}
+            else:
+                self._store_up()
+            for (view, entity), row in fetched.items():
                 ttl = self._cache_s.get(view.name, 0.0)
                 if ttl > 0:
                     # Kept for between half and all of the view's seconds: entities read
@@ -222,6 +271,19 @@ class OnlineFeatures:
                     merged.setdefault(entity, {}).update(row)
         # One the store has never seen has no profile: it is unknown, counters or not.
         return {e: row for e, row in merged.items() if row.get(profile) is not None}
+
+    def _store_down(self, error: Exception) -> None:
+        self.unavailable = True
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning(
+                "feature store unreachable (%s): serving cached and default features", error
+            )
+
+    def _store_up(self) -> None:
+        if self._down_since is not None:
+            log.info("feature store back after %.1f s", time.monotonic() - self._down_since)
+            self._down_since = None
 
     def _fetch_views(self, key: str, ids: list[str]) -> dict[tuple[Any, str], dict | None]:
         """Each view's row per entity through Feast's provider (any online store)."""
@@ -339,6 +401,26 @@ def counter_pusher(store: Any) -> Any:
                 )
                 for key, c in counts.items()
             ]
-            provider.online_write_batch(store.config, view, rows, None)
+            try:
+                provider.online_write_batch(store.config, view, rows, None)
+            except STORE_DOWN as error:
+                raise FeatureStoreDown(f"online store unreachable: {error}") from None
 
     return push
+
+
+def profile_restorer(store: Any) -> Callable[[], None]:
+    """A function that materialises the profiles again, for an online store that came
+    back empty (a Redis restarted without persistence); FeatureStoreDown while it is
+    still unreachable."""
+
+    def restore() -> None:
+        started = time.monotonic()
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # Feast's progress, not a log
+                materialize(store)
+        except STORE_DOWN as error:
+            raise FeatureStoreDown(f"online store unreachable: {error}") from None
+        log.info("feast: profiles materialised again in %.1f s", time.monotonic() - started)
+
+    return restore

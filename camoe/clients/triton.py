@@ -5,11 +5,24 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
+
+
+def repository_config(model_dir: Path) -> dict[str, Any]:
+    """A model's ``config.pbtxt`` as the JSON a load takes, read from the repository (so
+    it works while no version of the model can load)."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(
+        (Path(model_dir) / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    return dict(json_format.MessageToDict(config, preserving_proto_field_name=True))
 
 
 class TritonClient:
@@ -40,16 +53,12 @@ class TritonClient:
     def load(self, config: dict[str, Any] | None = None) -> None:
         """Loads (or reloads) the model: Triton re-reads its versions per version_policy.
 
-        ``config`` (a whole model configuration, as ``config()`` returns it) replaces
+        ``config`` (a whole model configuration, as ``repository_config`` returns it) replaces
         config.pbtxt for this load; the next load without one reads config.pbtxt again.
         """
         self._client.load_model(
             self.model, config=None if config is None else json.dumps(config), client_timeout=120.0
         )
-
-    def config(self) -> dict[str, Any]:
-        """The configuration Triton serves the model with."""
-        return dict(self._client.get_model_config(self.model, as_json=True)["config"])
 
     def unload(self) -> None:
         self._client.unload_model(self.model, client_timeout=120.0)

@@ -1,13 +1,20 @@
-"""Fixtures of the integration tests that run the incremental trainer as a process."""
+"""Fixtures of the integration tests: the incremental trainer as a process, and a
+service killed and restarted mid-run."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,3 +84,34 @@ def start_trainer(config: Path, endpoints, log) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "camoe.cli", "train"], stdout=log, stderr=subprocess.STDOUT, env=env
     )
+
+
+@contextmanager
+def outage(
+    pids: list[int],
+    restart: Callable[[], int],
+    kill_after_s: float,
+    down_s: float,
+    logs: Path,
+    components: tuple[str, ...],
+) -> Iterator[dict[str, Any]]:
+    """SIGKILLs the service whose pid is ``pids[0]`` ``kill_after_s`` from now and calls
+    ``restart`` (which returns its new pid, kept in ``pids[0]``) ``down_s`` later. Yields
+    what it saw: both times (epoch ms, "killed" and "restarted") and where each
+    component's log in ``logs`` stood at the start ("log_starts": they are appended to)."""
+    seen: dict[str, Any] = {
+        "log_starts": {name: (logs / f"{name}.log").stat().st_size for name in components}
+    }
+
+    def kill_and_restart() -> None:
+        time.sleep(kill_after_s)
+        os.kill(pids[0], signal.SIGKILL)
+        seen["killed"] = time.time() * 1000
+        time.sleep(down_s)
+        pids[0] = restart()
+        seen["restarted"] = time.time() * 1000
+
+    thread = threading.Thread(target=kill_and_restart, daemon=True)
+    thread.start()
+    yield seen
+    thread.join(120)

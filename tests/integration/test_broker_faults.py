@@ -6,10 +6,6 @@ clicks, and one log line per change of each client's connection, not one per att
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +20,7 @@ from camoe.sim.loop import demo_settings, run_loop
 from camoe.stack import kafka
 from camoe.stack.process import stop_pid
 from camoe.streaming.avro import AvroCodec
+from tests.integration.conftest import outage
 
 log = logging.getLogger(__name__)
 KILL_AFTER_S = 15.0
@@ -59,32 +56,23 @@ def test_broker_killed_and_restarted_mid_run_loses_nothing(services, broker, gua
     topics: dict[str, str] = {}
 
     @contextmanager
-    def outage(run: Settings, *_: Any) -> Iterator[dict[str, Any]]:
+    def watch(run: Settings, *_: Any) -> Iterator[dict[str, Any]]:
         """Kills the broker KILL_AFTER_S into the traffic and restarts it DOWN_S later."""
         topics.update(scores=run.kafka.topics.ad_scores.name)
         topics.update(labels=run.kafka.topics.labelled_events.name)
         topics.update(updates=run.kafka.topics.model_updates.name)
-        logs = Path(run.stack.state_dir) / "logs"
-        # The components' logs are appended to: this run's lines start here.
-        starts = {name: (logs / f"{name}.log").stat().st_size for name in COMPONENTS}
-        seen: dict[str, Any] = {"log_starts": starts}
+        timeout = run.stack.startup_timeout_s
+        with outage(
+            pids,
+            lambda: kafka.restart_broker(run.kafka, folder, folder / "kafka.log", timeout)[0],
+            KILL_AFTER_S,
+            DOWN_S,
+            Path(run.stack.state_dir) / "logs",
+            COMPONENTS,
+        ) as seen:
+            yield seen
 
-        def kill_and_restart() -> None:
-            time.sleep(KILL_AFTER_S)
-            os.kill(pids[0], signal.SIGKILL)
-            seen["killed"] = time.time() * 1000
-            time.sleep(DOWN_S)
-            pids[0], _ = kafka.restart_broker(
-                run.kafka, folder, folder / "kafka.log", run.stack.startup_timeout_s
-            )
-            seen["restarted"] = time.time() * 1000
-
-        thread = threading.Thread(target=kill_and_restart, daemon=True)
-        thread.start()
-        yield seen
-        thread.join(120)
-
-    summary = run_loop(settings, duration_s=50.0, drain_s=40.0, watch=outage)
+    summary = run_loop(settings, duration_s=50.0, drain_s=40.0, watch=watch)
     seen = summary["watch"]
     assert "killed" in seen and "restarted" in seen, seen
     assert summary["component_failures"] == {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 import statistics
@@ -42,6 +43,7 @@ from camoe.stack.stack import Endpoints
 from trainer.export import Batch, Publisher, PublishError, serving_scores, versions
 from trainer.model import build_served_camoe
 from trainer.train import fit
+from trainer.versions import keep_served, set_aside
 
 MODEL = "camoe_publishing"  # the fault tests' model
 CHURN_MODEL = "camoe_churn"  # the churn test's own model, so its numbers start at 1
@@ -558,6 +560,59 @@ def test_a_full_disk_rejects_the_candidate_in_one_line_and_previous_serves(
         ballast.unlink()
         assert publisher.publish(_shift(model, 0.1), check) == 2
         assert client.ready_versions() == [1, 2]
+    finally:
+        client.close()
+        stop_pid(pid)
+
+
+# --- f. Triton restarted with a newest version that cannot load -------------------------
+
+
+def test_a_version_that_cannot_load_after_a_restart_is_set_aside_and_the_last_good_serves(
+    services, trained, tmp_path, caplog
+):
+    """Triton killed, the newest version's file corrupted meanwhile, Triton started again:
+    the model loads no version. The trainer's turn (``keep_served``) moves that version
+    out of the repository, the one before serves, and the next publish takes a new number;
+    with every version unable to load (the environment at fault) nothing is moved."""
+    settings, _ = services
+    model, check = trained
+    repo = tmp_path / "model_repo"
+    model_dir = _add_model(repo, "camoe_restart")
+    log_path, timeout = tmp_path / "triton.log", settings.stack.startup_timeout_s
+    pid, grpc, _ = triton_stack.start_server(repo, log_path, timeout, load=[])
+    client = TritonClient(grpc, "camoe_restart", timeout_s=30.0)
+    try:
+        publisher = Publisher(repo, "camoe_restart", client)
+        assert publisher.publish(model, check) == 1
+        assert publisher.publish(_shift(model, 0.1), check) == 2
+        stop_pid(pid)
+        (model_dir / "2" / "model.onnx").write_bytes(b"not an onnx graph")
+        port = int(grpc.rsplit(":", 1)[1])
+        pid, grpc, _ = triton_stack.start_server(
+            repo, log_path, timeout, load=["camoe_restart"], grpc_port=port
+        )
+        assert client.ready_versions() == []  # the newest cannot load, so neither loads
+
+        with caplog.at_level(logging.WARNING, logger="trainer.versions"):
+            assert keep_served(client, model_dir, publisher.broken) is None
+        assert client.ready_versions() == [1] and versions(model_dir) == [1]
+        assert set_aside(publisher.broken) == [2]
+        (line,) = [r.getMessage() for r in caplog.records if r.name == "trainer.versions"]
+        assert "version(s) 2 moved to" in line and "version 1 serves" in line
+        scores, served_by = client.infer(*check)
+        assert served_by == "1"
+        np.testing.assert_allclose(scores, serving_scores(model, check), atol=ATOL)
+
+        assert publisher.publish(_shift(model, 0.2), check) == 3  # never 2 again
+        assert client.ready_versions() == [1, 3]
+
+        # Every version broken (say, the runtime itself): not a version's fault.
+        for version in (1, 3):
+            (model_dir / str(version) / "model.onnx").write_bytes(b"not an onnx graph")
+        client.unload()
+        assert keep_served(client, model_dir, publisher.broken) is None
+        assert versions(model_dir) == [1, 3] and set_aside(publisher.broken) == [2]
     finally:
         client.close()
         stop_pid(pid)

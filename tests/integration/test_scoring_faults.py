@@ -292,7 +292,7 @@ def test_killed_workers_partitions_move_to_the_other(world, tmp_path):
     assert log_path.read_text().count("assigned 2 partitions") >= 2  # they shared at first
 
 
-def _malformed(sim, rng, n):
+def _malformed(sim, rng, n, max_candidates):
     """Valid requests, byte-level mutations of them, and well-formed but bad requests."""
     records = []
     for i in range(n):
@@ -315,8 +315,11 @@ def _malformed(sim, rng, n):
                 ][int(rng.integers(2))]
             )
             continue
+        if kind == 5 and i % 12 == 11:  # valid at the edges: long ago, and at the maximum
+            request["event_time"] = 1
+            request["candidates"] = (request["candidates"] * max_candidates)[:max_candidates]
         if kind == 3:
-            bad = int(rng.integers(6))
+            bad = int(rng.integers(7))
             if bad == 0:
                 request["candidates"] = []
             elif bad == 1:
@@ -327,8 +330,10 @@ def _malformed(sim, rng, n):
                 request["candidates"][0]["bid"] = float("nan")
             elif bad == 4:
                 request["candidates"][0]["bid"] = -1.0
-            else:
+            elif bad == 5:
                 request["candidates"][0]["bid"] = 1e300  # finite, but not as float32
+            else:
+                request["event_time"] += 86_400_000  # a day ahead of the clock
         if kind == 4:  # scored with defaults and flags: unknown user, ad, context values
             request["user_id"] = f"stranger-{i}"
             request["candidates"][0]["ad_id"] = f"unknown-ad-{i}"
@@ -364,7 +369,7 @@ def test_malformed_input_is_dead_lettered_or_flagged_never_fatal(world):
         StreamSettings(group_id=f"fuzz-{uuid.uuid4().hex[:6]}", batch_size=64, poll_timeout_s=0.05),
     )
     n = 3_000
-    records = _malformed(sim, np.random.default_rng(11), n)
+    records = _malformed(sim, np.random.default_rng(11), n, settings.scoring.max_candidates)
     start_scores = _end_offsets(endpoints.kafka, topics.ad_scores.name)
     start_letters = _end_offsets(endpoints.kafka, topics.dead_letters.name)
     producer = Producer({"bootstrap.servers": endpoints.kafka})
@@ -381,8 +386,17 @@ def test_malformed_input_is_dead_lettered_or_flagged_never_fatal(world):
     assert len(scored) + len(letters) == n, (len(scored), len(letters))
     assert all(letter["reason"] and letter["consumer"] == "scoring" for letter in letters)
     reasons = " ".join(letter["reason"] for letter in letters)
-    for expected in ("no candidates", "more than", "unknown format", "invalid bid", "not an Avro"):
+    for expected in (
+        "no candidates",
+        "more than scoring.max_candidates",
+        "unknown format",
+        "invalid bid",
+        "not an Avro",
+        "ahead of the clock, more than scoring.max_clock_skew_s",
+    ):
         assert expected in reasons, expected
+    edges = [s for s in scored if s["event_time"] == 1]  # long ago, at the most candidates
+    assert edges and all(len(s["scores"]) == settings.scoring.max_candidates for s in edges)
     flagged = [s for s in scored if {"unknown_user", "unknown_ad"} <= set(s["flags"])]
     assert len(flagged) >= n // 6 - 5  # every stranger request scored, and flagged
     assert all(np.isfinite(c["pctr"]) for s in scored for c in s["scores"])

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 from confluent_kafka import TopicPartition
 
+from camoe.clients.feature_store import FeatureStoreDown
 from camoe.streaming.app import BatchResult, Record
 from camoe.streaming.avro import AvroCodec
 from consumers.labeler import Labeler, keeps_negative
@@ -76,6 +78,7 @@ class Harness:
         clock=None,
         negative_sampling_rate=1.0,
         fake_negative=False,
+        restore_store=None,
     ):
         self.clock = clock or FakeClock()
         self.offsets = Offsets()
@@ -90,6 +93,7 @@ class Harness:
             clock_ms=self.clock,
             negative_sampling_rate=negative_sampling_rate,
             fake_negative=fake_negative,
+            restore_store=restore_store,
         )
 
     def impression(self, request_id, t, ad_id="ad-1", user_id="user-1", partition=0):
@@ -326,6 +330,27 @@ def test_click_for_unknown_impression_is_dead_lettered_after_the_window(h):
     assert h(now=T0 + 3 * WINDOW_MS).dead_letters == []  # dead-lettered once
 
 
+def test_an_input_far_ahead_of_the_clock_is_dead_lettered_and_closes_no_window(h):
+    h(h.impression("r1", T0), now=T0 + 100)
+    future_click = h.click("r1", T0 + 3_600_000)  # an hour ahead: would close every window
+    future_row = h.impression("r2", T0 + 3_600_000)
+    result = h(future_click, future_row, now=T0 + 200)
+    assert [record for record, _ in result.dead_letters] == [future_click, future_row]
+    assert all("ahead of the clock" in reason for _, reason in result.dead_letters)
+    assert labels(result) == [] and "r1" in h.labeler.partitions[0].pending  # still open
+    assert h.labeler.counts["future_events"] == 2
+    out = only_output(h(h.click("r1", T0 + 1_000), now=T0 + 1_100))  # the real click
+    assert out.value["label"] == 1 and out.value["late_positive"] is False
+
+
+def test_an_impression_from_long_ago_is_labelled_at_once(h):
+    # 1970: not an error. No click has been read for a window, so the clicks' time is
+    # the clock's, and that impression's window closed long ago: a negative now.
+    result = h(h.impression("old", 1_000), now=T0)
+    assert result.dead_letters == [] and h.labeler.counts["future_events"] == 0
+    assert only_output(result).value["label"] == 0
+
+
 def test_click_naming_another_ad_is_dead_lettered(h):
     wrong = h.click("r1", T0 + 1_000, ad_id="ad-2")
     result = h(h.impression("r1", T0, ad_id="ad-1"), wrong, now=T0 + 1_500)
@@ -368,6 +393,18 @@ def test_duplicate_impression_counted_once(h):
     assert labels(h(h.impression("r1", T0), now=T0 + WINDOW_MS + 1)) == []
     assert h.labeler.counts["duplicate_impressions"] == 2
     assert h.labeler.user_counters["user-1"] == [1, 0]
+
+
+def test_a_request_id_reused_with_other_content_keeps_the_first(h):
+    h(h.impression("r1", T0, ad_id="ad-1"), now=T0)
+    other = h.impression("r1", T0 + 500, ad_id="ad-9", user_id="someone-else")
+    assert labels(h(other, now=T0 + 600)) == []
+    assert h.labeler.counts["duplicate_impressions"] == 1
+    assert "someone-else" not in h.labeler.user_counters
+    result = h(h.click("r1", T0 + 700, ad_id="ad-9"), now=T0 + 800)  # the second's ad
+    assert labels(result) == [] and len(result.dead_letters) == 1
+    out = only_output(h(h.click("r1", T0 + 900, ad_id="ad-1"), now=T0 + 1_000))
+    assert out.value["label"] == 1 and out.value["impression"]["ad_id"] == "ad-1"
 
 
 # --- state changelog -------------------------------------------------------------------
@@ -546,6 +583,63 @@ def test_push_counters_receives_per_user_and_per_ad_counts():
     # A late positive pushes only what changed, with running totals.
     h(h.click("r2", T0 + 11_000, user_id="u1", ad_id="a2"), now=T0 + 11_000)
     assert pushes[1] == ({"u1": [2, 2]}, {"a2": [1, 1]})
+
+
+class FlakyStore:
+    """Counter pushes and restores that fail while ``down``, as a killed Redis does."""
+
+    def __init__(self):
+        self.down = False
+        self.pushes = []
+        self.restores = 0
+
+    def push(self, users, ads):
+        if self.down:
+            raise FeatureStoreDown("online store unreachable: Connection refused")
+        self.pushes.append(copy.deepcopy((users, ads)))
+
+    def restore(self):
+        if self.down:
+            raise FeatureStoreDown("online store unreachable: Connection refused")
+        self.restores += 1
+
+
+def test_a_store_that_is_down_holds_counters_back_and_gets_all_of_them_when_back(caplog):
+    store = FlakyStore()
+    h = Harness(push_counters=store.push, restore_store=store.restore)
+    h(h.impression("r1", T0, user_id="u1", ad_id="a1"), now=T0)
+    store.down = True
+    with caplog.at_level(logging.INFO, logger="consumers.labeler"):
+        for k in range(2, 5):  # labels go on while the store is down
+            result = h(h.impression(f"r{k}", T0 + k, user_id=f"u{k}", ad_id="a1"), now=T0 + k)
+            assert len(labels(result)) == 0  # window mode: negatives come at expiry
+        assert h.labeler.counts["counter_push_failures"] == 3
+        assert store.pushes == [({"u1": [1, 0]}, {"a1": [1, 0]})]
+        store.down = False  # back, and empty: profiles first, then every counter
+        h(h.impression("r5", T0 + 5, user_id="u5", ad_id="a2"), now=T0 + 5)
+        assert store.restores == 1
+        assert store.pushes[-1] == (
+            {f"u{k}": [1, 0] for k in (1, 2, 3, 4, 5)},
+            {"a1": [4, 0], "a2": [1, 0]},
+        )
+        h(h.impression("r6", T0 + 6, user_id="u6", ad_id="a2"), now=T0 + 6)
+        assert store.pushes[-1] == ({"u6": [1, 0]}, {"a2": [2, 0]})  # changes only again
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("feature store unreachable" in line for line in lines) == 1
+    assert sum("feature store back after" in line for line in lines) == 1
+
+
+def test_a_store_still_down_when_restoring_keeps_the_counters_waiting():
+    store = FlakyStore()
+    h = Harness(push_counters=store.push, restore_store=store.restore)
+    store.down = True
+    h(h.impression("r1", T0, user_id="u1"), now=T0)
+    h(h.impression("r2", T0 + 1, user_id="u2"), now=T0 + 1)
+    assert store.pushes == [] and store.restores == 0
+    store.down = False
+    h(now=T0 + 2)  # nothing new this batch: the waiting counters still go out
+    assert store.restores == 1
+    assert store.pushes == [({"u1": [1, 0], "u2": [1, 0]}, {"ad-1": [2, 0]})]
 
 
 def test_without_push_counters_the_labeler_still_counts(h):

@@ -258,3 +258,13 @@ def test_feast_connection_string_carries_the_acl_user():
     assert redis_connection_string(url, with_user) == "127.0.0.1:6380,username=camoe,password=pw"
     with pytest.raises(ValueError, match="cannot hold"):
         redis_connection_string(url, RedisSettings(password="a,b"))
+
+
+def test_child_processes_get_the_password_from_the_environment_not_the_file(tmp_path):
+    from camoe.supervisor import secret_environment, write_settings
+
+    settings = Settings(redis={"username": "camoe", "password": "hunter2"})
+    path = write_settings(settings, tmp_path / "settings.yaml")
+    assert "hunter2" not in path.read_text() and "password:" not in path.read_text()
+    assert secret_environment(settings) == {"CAMOE_REDIS__PASSWORD": "hunter2"}
+    assert secret_environment(Settings()) == {}
