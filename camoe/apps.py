@@ -1,10 +1,12 @@
 """Builds each long-running component from the settings: the scoring consumer, the
-labeler and the incremental trainer. The CLI runs one per process."""
+labeler and the incremental trainer (the CLI runs one per process), and brings the
+local stack up with the model served."""
 
 from __future__ import annotations
 
 import gc
 import logging
+from pathlib import Path
 from threading import Event
 
 from camoe.clients.feature_store import (
@@ -16,13 +18,14 @@ from camoe.clients.feature_store import (
 from camoe.clients.kafka import cluster_id
 from camoe.clients.triton import TritonClient
 from camoe.settings import Settings, StreamSettings
-from camoe.stack.stack import Endpoints, Stack
+from camoe.stack.stack import SERVICES, Endpoints, Stack
 from camoe.streaming.app import StreamApp
 from camoe.streaming.avro import codec_for
 from camoe.streaming.metrics import serve
 from consumers.labeler import Labeler
 from consumers.metrics import LabelerCollector
 from consumers.scoring import Scorer
+from trainer.versions import broken_dir, keep_served
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,21 @@ CODECS = {  # topic field in settings -> schema name
 
 class NotRunningError(RuntimeError):
     """A service the component needs has no address."""
+
+
+def stack_up(settings: Settings, services: tuple[str, ...] = SERVICES) -> Endpoints:
+    """The stack's services started where none is configured; a Triton that starts and
+    finds the newest version unable to load gets the newest that loads served
+    (``keep_served``), so the model is not left without a version."""
+    endpoints = Stack(settings).up(services)
+    if "triton" in endpoints.pids and endpoints.triton:
+        repo, name = Path(settings.triton.model_repo), settings.triton.model_name
+        client = TritonClient(endpoints.triton, name)
+        try:
+            keep_served(client, repo / name, broken_dir(repo, name, settings.triton.staging_dir))
+        finally:
+            client.close()
+    return endpoints
 
 
 def endpoints_for(settings: Settings, *needed: str) -> Endpoints:

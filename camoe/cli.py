@@ -154,7 +154,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "stack":
         stack = Stack(settings)
         if args.action == "up":
-            stack.up()
+            from camoe.apps import stack_up
+
+            stack_up(settings)
         elif args.action == "down":
             print("stopped: " + (", ".join(stack.down()) or "nothing was running"))
             return 0

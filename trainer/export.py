@@ -46,6 +46,8 @@ from trainer.model import ServingModel
 from trainer.versions import (
     RECORD,
     Pin,
+    broken_dir,
+    default_staging,
     load_served,
     read_pin,
     serving_lock,
@@ -125,13 +127,6 @@ def _check_parity(where: str, served: np.ndarray, expected: np.ndarray) -> None:
         raise PublishError(f"parity check failed: max |{where} - torch| = {gap:.2e}")
 
 
-def default_staging(model_repo: Path) -> Path:
-    """Where versions are staged unless configured: ``.<repo>-staging`` beside the
-    repository, so outside what Triton serves and, in practice, on its filesystem."""
-    model_repo = Path(model_repo).resolve()
-    return model_repo.parent / f".{model_repo.name}-staging"
-
-
 class Publisher:
     """Writes, loads, checks and prunes versions of one model.
 
@@ -156,10 +151,8 @@ class Publisher:
         staging: Path | None = None,
     ) -> None:
         self.model_dir = Path(model_repo) / model_name
-        root = Path(staging or default_staging(Path(model_repo)))
-        self.staging = root / model_name
-        # Versions that could not load, moved out of the repository (versions.load_served).
-        self.broken = root / ".broken" / model_name
+        self.staging = Path(staging or default_staging(Path(model_repo))) / model_name
+        self.broken = broken_dir(Path(model_repo), model_name, staging)
         self.client = client
         self.keep = keep
         self.steps: dict[str, float] = {}

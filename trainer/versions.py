@@ -45,6 +45,19 @@ def versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def default_staging(model_repo: Path) -> Path:
+    """Where versions are staged unless configured: ``.<repo>-staging`` beside the
+    repository, so outside what Triton serves and, in practice, on its filesystem."""
+    model_repo = Path(model_repo).resolve()
+    return model_repo.parent / f".{model_repo.name}-staging"
+
+
+def broken_dir(model_repo: Path, model_name: str, staging: Path | None = None) -> Path:
+    """Where a model's versions that could not load are kept (``load_served``):
+    ``.broken/<model>`` in the staging folder (``triton.staging_dir``)."""
+    return Path(staging or default_staging(Path(model_repo))) / ".broken" / model_name
+
+
 def set_aside(broken: Path) -> list[int]:
     """The versions ``load_served`` moved into ``broken`` (folders ``<version>-<ms>``): their
     numbers are never given to another version."""

@@ -23,7 +23,7 @@ from camoe.stack.stack import Endpoints, Stack
 from camoe.supervisor import components
 from trainer.export import Publisher
 from trainer.train import load_model, pretrain, save_model
-from trainer.versions import PIN, load_served, serving_lock, versions
+from trainer.versions import PIN, broken_dir, load_served, serving_lock, versions
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def prepare(settings: Settings, endpoints: Endpoints, fresh: bool = False) -> No
     elif versions(model_dir) and load_model(settings, checkpoint) is not None:
         if client is not None:
             with serving_lock(model_dir):
-                load_served(client, model_dir)
+                repo, staging = settings.triton.model_repo, settings.triton.staging_dir
+                load_served(client, model_dir, broken_dir(repo, model_dir.name, staging))
         return
     log.info(
         "training version 1 offline on %d simulated requests", settings.trainer.pretrain_requests

@@ -34,12 +34,13 @@ import torch
 from torch import nn
 
 import trainer.export as export
+from camoe.apps import stack_up
 from camoe.clients.triton import InferenceServerException, TritonClient
 from camoe.settings import ROOT, Settings
 from camoe.sim.traffic import World
 from camoe.stack import triton as triton_stack
 from camoe.stack.process import stop_pid
-from camoe.stack.stack import Endpoints
+from camoe.stack.stack import Endpoints, Stack
 from trainer.export import Batch, Publisher, PublishError, serving_scores, versions
 from trainer.model import build_served_camoe
 from trainer.train import fit
@@ -616,3 +617,42 @@ def test_a_version_that_cannot_load_after_a_restart_is_set_aside_and_the_last_go
     finally:
         client.close()
         stop_pid(pid)
+
+
+def test_stack_up_serves_the_newest_version_that_loads(services, trained, tmp_path):
+    """Triton started on a repository whose newest version cannot load (a corrupt file):
+    ``camoe stack up`` sets it aside and the version before it serves."""
+    settings, _ = services
+    model, check = trained
+    repo = tmp_path / "model_repo"
+    model_dir = _add_model(repo, "camoe_stack")
+    own = settings.model_copy(
+        update={
+            "stack": settings.stack.model_copy(update={"state_dir": tmp_path / "stack"}),
+            "triton": settings.triton.model_copy(
+                update={
+                    "url": None,
+                    "http_url": None,
+                    "model_repo": repo,
+                    "model_name": "camoe_stack",
+                }
+            ),
+        }
+    )
+    stack = Stack(own)
+    try:
+        endpoints = stack_up(own, ("triton",))
+        client = TritonClient(endpoints.triton or "", "camoe_stack", timeout_s=30.0)
+        publisher = Publisher(repo, "camoe_stack", client)
+        assert [publisher.publish(model, check) for _ in range(2)] == [1, 2]
+        client.close()
+        stack.down()
+        (model_dir / "2" / "model.onnx").write_bytes(b"not an onnx graph")
+
+        endpoints = stack_up(own, ("triton",))
+        client = TritonClient(endpoints.triton or "", "camoe_stack", timeout_s=30.0)
+        assert client.ready_versions() == [1]
+        assert set_aside(publisher.broken) == [2]
+        client.close()
+    finally:
+        stack.down()
