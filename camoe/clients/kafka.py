@@ -177,15 +177,24 @@ def create_topics(bootstrap: str, topics: list[TopicSpec], timeout_s: float = 30
                 raise RuntimeError(f"could not create topic {name}: {error}") from None
 
 
+def kafka_error(raised: object) -> KafkaError | None:
+    """The KafkaError an exception carries (or is: the consumer raises fatal errors bare)."""
+    if isinstance(raised, KafkaError):
+        return raised
+    if isinstance(raised, KafkaException) and isinstance(raised.args[0], KafkaError):
+        return raised.args[0]
+    return None
+
+
 def _metadata(client: AdminClient, timeout_s: float) -> Any:
     """The cluster's metadata, asked again while the cluster is unreachable."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             return client.list_topics(timeout=max(deadline - time.monotonic(), 1.0))
-        except KafkaException as error:
-            code = error.args[0].code() if isinstance(error.args[0], KafkaError) else None
-            if code not in UNREACHABLE or time.monotonic() >= deadline:
+        except KafkaException as raised:
+            error = kafka_error(raised)
+            if error is None or error.code() not in UNREACHABLE or time.monotonic() >= deadline:
                 raise
             time.sleep(0.5)
 

@@ -50,7 +50,7 @@ from typing import Any, NamedTuple, Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import CollectorRegistry, Histogram
 
-from camoe.clients.kafka import consumer_config, producer_config
+from camoe.clients.kafka import consumer_config, kafka_error, producer_config
 from camoe.settings import StreamSettings
 from camoe.streaming.avro import AvroCodec
 from camoe.streaming.exceptions import (
@@ -149,15 +149,6 @@ def consume_batch(consumer: Consumer, max_messages: int, timeout_s: float) -> li
     if max_messages == 1:
         return [first]
     return [first, *consumer.consume(max_messages - 1, 0)]
-
-
-def kafka_error(raised: object) -> KafkaError | None:
-    """The KafkaError an exception carries (or is: the consumer raises fatal errors bare)."""
-    if isinstance(raised, KafkaError):
-        return raised
-    if isinstance(raised, KafkaException) and isinstance(raised.args[0], KafkaError):
-        return raised.args[0]
-    return None
 
 
 def next_offsets(records: list[Record]) -> list[TopicPartition]:
