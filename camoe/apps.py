@@ -93,7 +93,7 @@ def _app(
     endpoints = endpoints_for(settings, "kafka")
     return StreamApp(
         name=name,
-        bootstrap_servers=endpoints.kafka or "",
+        kafka=endpoints.kafka_at(settings.kafka.security),
         sources=_codecs(settings, *sources),
         sinks=_codecs(settings, *sinks),
         dead_letter_topic=settings.kafka.topics.dead_letters.name,
@@ -158,15 +158,13 @@ def run_labeler(settings: Settings, stop: Event) -> None:
         ("feature_log", "ad_clicks"),
         ("labelled_events", "labeler_state"),
     )
-    state, bootstrap = topics.labeler_state.name, endpoints.kafka or ""
+    state, kafka = topics.labeler_state.name, endpoints.kafka_at(settings.kafka.security)
     labeler = Labeler(
         topics.feature_log.name,
         topics.labelled_events.name,
         state,
         settings.labeler.attribution_window_s,
-        read_state=lambda partitions: read_changelog(
-            bootstrap, state, app.sinks[state], partitions
-        ),
+        read_state=lambda partitions: read_changelog(kafka, state, app.sinks[state], partitions),
         push_counters=counter_pusher(store),
         restore_store=profile_restorer(store),
         negative_sampling_rate=settings.labeler.negative_sampling_rate,
@@ -214,7 +212,7 @@ def run_trainer(settings: Settings, stop: Event) -> None:
             staging=settings.triton.staging_dir,
         ),
         t.checkpoint_dir / "trainer.pt",
-        cluster_id(endpoints.kafka or ""),
+        cluster_id(endpoints.kafka_at(settings.kafka.security)),
         resume,
         registry=app.registry,
     )

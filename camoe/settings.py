@@ -56,6 +56,73 @@ class TopicsSettings(Section):
         return [getattr(self, name) for name in type(self).model_fields]
 
 
+class Credentials(Section):
+    """A user and its password, given inline (an environment variable, say) or as a file;
+    ``section`` names the settings section in messages."""
+
+    section: ClassVar[str]
+    username: str | None = None
+    password: SecretStr | None = Field(default=None, description="never logged")
+    password_file: Path | None = Field(
+        default=None, description="a file holding the password, instead of ``password``."
+    )
+
+    @model_validator(mode="after")
+    def _one_password(self) -> Credentials:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError(f"{self.section}: set password or password_file, not both")
+        if self.username is not None and self.password is None and self.password_file is None:
+            raise ValueError(f"{self.section}.username is {self.username!r} but no password is set")
+        return self
+
+    def secret(self) -> str | None:
+        """The password, read from ``password_file`` when that is set."""
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as error:
+                raise ValueError(
+                    f"{self.section}.password_file: cannot read {self.password_file}: "
+                    f"{error.strerror}"
+                ) from None
+        return None if self.password is None else self.password.get_secret_value()
+
+
+class KafkaSecurity(Credentials):
+    """How every Kafka client reaches the cluster: librdkafka's ``security.protocol``,
+    SASL user and CA, set here once for the components, the simulator, the admin client
+    and the benchmarks. The password comes from ``CAMOE_KAFKA__SECURITY__PASSWORD`` or
+    ``password_file``, never from the settings file."""
+
+    section: ClassVar[str] = "kafka.security"
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    username: str | None = Field(default=None, description="SASL user (SASL_* protocols).")
+    ca_file: Path | None = Field(
+        default=None,
+        description="PEM file of the CA that signed the brokers' certificates (SSL and "
+        "SASL_SSL); unset: the system's CA store",
+    )
+    check_hostname: bool = Field(
+        default=True,
+        description="the broker's certificate must name the host (or IP) it is reached at",
+    )
+
+    @model_validator(mode="after")
+    def _sasl_user(self) -> KafkaSecurity:
+        sasl = self.protocol.startswith("SASL_")
+        if sasl and self.username is None:
+            raise ValueError(
+                f"kafka.security.protocol is {self.protocol}: set kafka.security.username"
+            )
+        if not sasl and self.username is not None:
+            raise ValueError(
+                f"kafka.security.username is set but protocol {self.protocol} has no SASL: "
+                "set kafka.security.protocol to SASL_SSL"
+            )
+        return self
+
+
 class KafkaSettings(Section):
     bootstrap_servers: str | None = Field(
         default=None, description="Existing cluster; when unset the local stack starts a broker."
@@ -63,6 +130,7 @@ class KafkaSettings(Section):
     version: str = "4.1.1"
     heap_mb: int = 512
     schema_registry_url: str | None = None
+    security: KafkaSecurity = KafkaSecurity()
     topics: TopicsSettings = TopicsSettings()
 
 
@@ -87,9 +155,10 @@ class TritonSettings(Section):
     )
 
 
-class RedisSettings(Section):
+class RedisSettings(Credentials):
     """Where Feast's Redis online store is, and the ACL user it is reached as."""
 
+    section: ClassVar[str] = "redis"
     url: str | None = Field(default=None, description="redis://host:port; unset starts one.")
     username: str | None = Field(
         default=None,
@@ -99,28 +168,6 @@ class RedisSettings(Section):
     password: SecretStr | None = Field(
         default=None, description="the user's password (CAMOE_REDIS__PASSWORD); never logged."
     )
-    password_file: Path | None = Field(
-        default=None, description="a file holding the password, instead of ``password``."
-    )
-
-    @model_validator(mode="after")
-    def _one_password(self) -> RedisSettings:
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("redis: set password or password_file, not both")
-        if self.username is not None and self.password is None and self.password_file is None:
-            raise ValueError(f"redis.username is {self.username!r} but no password is set")
-        return self
-
-    def secret(self) -> str | None:
-        """The password, read from ``password_file`` when that is set."""
-        if self.password_file is not None:
-            try:
-                return self.password_file.read_text().strip()
-            except OSError as error:
-                raise ValueError(
-                    f"redis.password_file: cannot read {self.password_file}: {error.strerror}"
-                ) from None
-        return None if self.password is None else self.password.get_secret_value()
 
 
 class FeastSettings(Section):

@@ -15,7 +15,7 @@ from threading import Event
 
 import yaml
 
-from camoe.clients.kafka import group_members
+from camoe.clients.kafka import KafkaConnection, group_members
 from camoe.settings import Settings
 from camoe.stack.stack import Endpoints
 
@@ -29,18 +29,23 @@ class ComponentError(RuntimeError):
 
 
 def write_settings(settings: Settings, path: Path) -> Path:
-    """Writes the settings as a config file, so child processes share them exactly; a
-    password stays out of it (``secret_environment`` hands it over)."""
+    """Writes the settings as a config file, so child processes share them exactly; the
+    passwords stay out of it (``secret_environment`` hands them over)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    values = settings.model_dump(mode="json", exclude={"redis": {"password"}})
+    values = settings.model_dump(
+        mode="json", exclude={"redis": {"password"}, "kafka": {"security": {"password"}}}
+    )
     path.write_text(yaml.safe_dump(values, sort_keys=False))
     return path
 
 
 def secret_environment(settings: Settings) -> dict[str, str]:
     """The secrets a child process needs, as the environment variables settings read."""
-    password = settings.redis.password
-    return {} if password is None else {"CAMOE_REDIS__PASSWORD": password.get_secret_value()}
+    secrets = {
+        "CAMOE_REDIS__PASSWORD": settings.redis.password,
+        "CAMOE_KAFKA__SECURITY__PASSWORD": settings.kafka.security.password,
+    }
+    return {name: s.get_secret_value() for name, s in secrets.items() if s is not None}
 
 
 @contextmanager
@@ -91,7 +96,7 @@ def components(
             _wait_ready(
                 label,
                 process,
-                endpoints.kafka or "",
+                endpoints.kafka_at(settings.kafka.security),
                 groups[name],
                 members,
                 state / "logs" / f"{label}.log",
@@ -131,7 +136,7 @@ def supervise(settings: Settings, endpoints: Endpoints, workers: int, stop: Even
 def _wait_ready(
     name: str,
     process: subprocess.Popen[bytes],
-    bootstrap: str,
+    kafka: KafkaConnection,
     group_id: str,
     members: int,
     log_path: Path,
@@ -145,7 +150,7 @@ def _wait_ready(
                 f"camoe {name} exited with code {process.returncode} while starting; see {log_path}"
             )
         try:
-            if group_members(bootstrap, group_id) >= members:
+            if group_members(kafka, group_id) >= members:
                 log.info("camoe %s is consuming", name)
                 return
         except Exception:  # the group does not exist until the consumer first joins

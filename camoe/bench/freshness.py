@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from camoe.bench.figures import pyplot, save
-from camoe.clients.kafka import read_committed
+from camoe.clients.kafka import Kafka, read_committed
 from camoe.features import FORMATS
 from camoe.settings import Settings
 from camoe.stack.stack import Endpoints
@@ -52,17 +52,15 @@ class LoopRecord:
     updates: list[dict[str, Any]]
 
 
-def read_record(bootstrap: str, settings: Settings) -> LoopRecord:
+def read_record(kafka: Kafka, settings: Settings) -> LoopRecord:
     topics = settings.kafka.topics
-    events = read_committed(
-        bootstrap, topics.labelled_events.name, AvroCodec("labelled_event").decode
-    )
+    events = read_committed(kafka, topics.labelled_events.name, AvroCodec("labelled_event").decode)
     final: dict[str, dict[str, Any]] = {}
     for event in events:
         request_id = event["impression"]["request_id"]
         if request_id not in final or event["label"] > final[request_id]["label"]:
             final[request_id] = event
-    updates = read_committed(bootstrap, topics.model_updates.name, AvroCodec("model_update").decode)
+    updates = read_committed(kafka, topics.model_updates.name, AvroCodec("model_update").decode)
     unique = {u["version"]: u for u in updates}  # announcements may repeat after a restart
     return LoopRecord(
         sorted(final.values(), key=lambda e: e["impression"]["event_time"]),
@@ -357,7 +355,7 @@ def reporter(
         from trainer.train import load_model
 
         frozen = load_model(settings, settings.trainer.checkpoint_dir / "model.pt")
-        record = read_record(endpoints.kafka or "", settings)
+        record = read_record(endpoints.kafka_at(settings.kafka.security), settings)
         result = analyse(record, frozen, window_s, settings.trainer.holdout_every)
         if record.impressions:
             times = [e["impression"]["event_time"] for e in record.impressions]

@@ -90,11 +90,11 @@ class Sampler:
     def __init__(
         self, settings: Settings, endpoints: Endpoints, processes: dict[str, Popen[bytes]]
     ) -> None:
-        bootstrap = endpoints.kafka or ""
+        kafka = endpoints.kafka_at(settings.kafka.security)
         topics = settings.kafka.topics
         self.inputs = {
             name: (
-                Consumer(consumer_config(bootstrap, getattr(settings, section).group_id)),
+                Consumer(consumer_config(kafka, getattr(settings, section).group_id)),
                 [getattr(topics, field).name for field in fields],
             )
             for name, (section, fields) in INPUTS.items()

@@ -51,7 +51,13 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from camoe.bench.figures import pyplot, save
-from camoe.clients.kafka import committed_offsets, consumer_config, create_topics, producer_config
+from camoe.clients.kafka import (
+    Kafka,
+    committed_offsets,
+    consumer_config,
+    create_topics,
+    producer_config,
+)
 from camoe.features import FeatureLayout
 from camoe.settings import Settings, TopicSpec
 from camoe.sim.loop import prepare, run_topics
@@ -88,7 +94,7 @@ def _bench_settings(settings: Settings, endpoints: Endpoints, state: Path) -> Se
 
 
 def _produce(
-    bootstrap: str,
+    kafka: Kafka,
     topic: str,
     requests: list[dict[str, Any]],
     rate: float | None = None,
@@ -108,7 +114,7 @@ def _produce(
     # them (each would hold the load up for 50 ms, then send it in a burst).
     gc.collect()
     gc.freeze()
-    producer = Producer(producer_config(bootstrap, linger_ms=0.5))
+    producer = Producer(producer_config(kafka, linger_ms=0.5))
     # Connected, with the topic's partitions known, before the first stamp: otherwise the
     # first records wait for that and their latency is the load generator's start-up.
     producer.list_topics(topic, timeout=10)
@@ -139,9 +145,9 @@ def _produce(
     producer.flush(30)
 
 
-def _fresh_consumer(bootstrap: str) -> Consumer:
+def _fresh_consumer(kafka: Kafka) -> Consumer:
     """A consumer in a group of its own, reading from the start, committing only when told."""
-    return Consumer(consumer_config(bootstrap, uuid.uuid4().hex))
+    return Consumer(consumer_config(kafka, uuid.uuid4().hex))
 
 
 class ScoreReader:
@@ -154,9 +160,9 @@ class ScoreReader:
     scorer on the same cores. ``stages``: the scorer's timings, from the decoded records.
     """
 
-    def __init__(self, bootstrap: str, topic: str, codec: AvroCodec = SCORES) -> None:
+    def __init__(self, kafka: Kafka, topic: str, codec: AvroCodec = SCORES) -> None:
         self._codec = codec
-        self._consumer = _fresh_consumer(bootstrap)
+        self._consumer = _fresh_consumer(kafka)
         # Assigned, not subscribed: no group to be dropped from while the saturation
         # bench waits for the scorer without reading.
         partitions = self._consumer.list_topics(topic, 10).topics[topic].partitions
@@ -255,11 +261,11 @@ def _cpu_during(
 
 
 def _wait_for_drain(
-    bootstrap: str, group_id: str, topic: str, scorer: subprocess.Popen[bytes], timeout_s: float
+    kafka: Kafka, group_id: str, topic: str, scorer: subprocess.Popen[bytes], timeout_s: float
 ) -> None:
     """Waits until ``group_id`` has committed every record of ``topic``, looking only at
     offsets (no records are fetched)."""
-    consumer = Consumer(consumer_config(bootstrap, group_id))
+    consumer = Consumer(consumer_config(kafka, group_id))
     try:
         partitions = consumer.list_topics(topic, 10).topics[topic].partitions
         ends = {
@@ -288,14 +294,14 @@ def _stop_scorer(scorer: subprocess.Popen[bytes]) -> None:
     scorer.wait(60)
 
 
-def relay(bootstrap: str, source: str, sink: str, stop: ProcessEvent) -> None:
+def relay(kafka: Kafka, source: str, sink: str, stop: ProcessEvent) -> None:
     """The latency floor: a raw consume-decode-encode-produce loop from ``source`` to
     ``sink`` until ``stop`` is set, shaped as the scorer's loop without the scoring and
     without its batch interval (so the floor is the broker's hops alone): batches of what
     has arrived, each to one partition in turn as the scorer's scores, the scorer's 0.5 ms
     linger, offsets committed asynchronously every 0.1 s."""
-    consumer = _fresh_consumer(bootstrap)
-    producer = Producer(producer_config(bootstrap, linger_ms=0.5))
+    consumer = _fresh_consumer(kafka)
+    producer = Producer(producer_config(kafka, linger_ms=0.5))
     partitions = len(producer.list_topics(sink, 10).topics[sink].partitions)
     consumer.subscribe([source])
     committed, batches = 0.0, 0
@@ -325,7 +331,7 @@ def relay(bootstrap: str, source: str, sink: str, stop: ProcessEvent) -> None:
 
 
 def _fixed_load(
-    bootstrap: str,
+    kafka: Kafka,
     topic: str,
     reader: ScoreReader,
     first: dict[str, Any],
@@ -342,14 +348,14 @@ def _fixed_load(
     while ``answering`` says the process that answers still runs.
     Returns the measured requests' latencies (ms, in arrival order) and their figures:
     p50, p99, the p99 of each ``WINDOW_S``, the mean, and the cores' state meanwhile."""
-    _produce(bootstrap, topic, [first])
+    _produce(kafka, topic, [first])
     reader.read_until({first["request_id"]}, 300, answering=answering)
     warmup_s, seconds = len(warmup) / rate, len(load) / rate
     spawn = multiprocessing.get_context("spawn")
     load_started = spawn.Event()
     producer = spawn.Process(
         target=_produce,
-        args=(bootstrap, topic, warmup + load, rate),
+        args=(kafka, topic, warmup + load, rate),
         kwargs={"started": load_started},
     )
     producer.start()
@@ -390,7 +396,7 @@ def _fixed_load(
 
 
 def _relay_load(
-    bootstrap: str,
+    kafka: Kafka,
     requests_topic: TopicSpec,
     warmup: list[dict[str, Any]],
     load: list[dict[str, Any]],
@@ -401,18 +407,18 @@ def _relay_load(
     partitioned as the requests topic; the last ``RELAY_WARMUP_S`` of ``warmup`` first."""
     source, sink = f"{requests_topic.name}-relay-in", f"{requests_topic.name}-relay-out"
     create_topics(
-        bootstrap, [TopicSpec(name=t, partitions=requests_topic.partitions) for t in (source, sink)]
+        kafka, [TopicSpec(name=t, partitions=requests_topic.partitions) for t in (source, sink)]
     )
     spawn = multiprocessing.get_context("spawn")
     stop = spawn.Event()
-    process = spawn.Process(target=relay, args=(bootstrap, source, sink, stop))
+    process = spawn.Process(target=relay, args=(kafka, source, sink, stop))
     process.start()
-    reader = ScoreReader(bootstrap, sink, REQUESTS)
+    reader = ScoreReader(kafka, sink, REQUESTS)
     try:
         first = dict(load[0], request_id=f"{load[0]['request_id']}-first")
         warm = warmup[-int(rate * RELAY_WARMUP_S) :]
         result = _fixed_load(
-            bootstrap, source, reader, first, warm, load, rate, progress, process.is_alive
+            kafka, source, reader, first, warm, load, rate, progress, process.is_alive
         )
     finally:
         stop.set()
@@ -426,10 +432,10 @@ def _relay_load(
     return result
 
 
-def passthrough_floor(bootstrap: str, source: str, sink: str, n: int) -> float:
+def passthrough_floor(kafka: Kafka, source: str, sink: str, n: int) -> float:
     """Requests/s of a raw consume-decode-encode-produce loop over the same records."""
-    consumer = _fresh_consumer(bootstrap)
-    producer = Producer(producer_config(bootstrap, linger_ms=5))
+    consumer = _fresh_consumer(kafka)
+    producer = Producer(producer_config(kafka, linger_ms=5))
     consumer.subscribe([source])
     done, started = 0, None
     deadline = time.monotonic() + 120
@@ -552,14 +558,15 @@ def run(
     state = Path(settings.stack.state_dir) / "bench-scoring"
     try:
         s = _bench_settings(settings, endpoints, state)
+        kafka = endpoints.kafka_at(s.kafka.security)
         progress("preparing features (Redis) and the model")
         prepare(s, endpoints)
-        create_topics(endpoints.kafka or "", s.kafka.topics.all())
+        create_topics(kafka, s.kafka.topics.all())
         world = World(s.simulator)
         rng = np.random.default_rng(s.simulator.seed)
         topics = s.kafka.topics
         config = write_settings(s, state / "settings.yaml")
-        reader = ScoreReader(endpoints.kafka or "", topics.ad_scores.name)
+        reader = ScoreReader(kafka, topics.ad_scores.name)
         first = world.request(rng, 0)  # the load starts once the scorer answers
         warmup = [world.request(rng, 0) for _ in range(int(rate * warmup_s))]
         load = [world.request(rng, 0) for _ in range(int(rate * seconds))]
@@ -576,7 +583,7 @@ def run(
             return running.poll() is None
 
         latencies, fixed = _fixed_load(
-            endpoints.kafka or "",
+            kafka,
             topics.ad_requests.name,
             reader,
             first,
@@ -590,18 +597,14 @@ def run(
         scorer = None
 
         progress(f"latency floor: a raw relay, {RELAY_WARMUP_S}s warm-up + {seconds:.0f}s")
-        relayed, relay_floor = _relay_load(
-            endpoints.kafka or "", topics.ad_requests, warmup, load, rate, progress
-        )
+        relayed, relay_floor = _relay_load(kafka, topics.ad_requests, warmup, load, rate, progress)
 
         progress(f"saturation: a fresh scorer drains {requests} requests")
         backlog = [world.request(rng, 0) for _ in range(requests)]
-        _produce(endpoints.kafka or "", topics.ad_requests.name, backlog)
+        _produce(kafka, topics.ad_requests.name, backlog)
         reader.stages.clear()
         scorer = _start_scorer(s, config, state / "score.log")
-        _wait_for_drain(
-            endpoints.kafka or "", s.scoring.group_id, topics.ad_requests.name, scorer, 600
-        )
+        _wait_for_drain(kafka, s.scoring.group_id, topics.ad_requests.name, scorer, 600)
         reader.read_until({r["request_id"] for r in backlog}, 120, decode_every=50)
         reader.close()
         # Each request of a wave carries that wave's timings: weight by request.
@@ -615,10 +618,8 @@ def run(
 
         progress("floors")
         sink = f"{topics.ad_requests.name}-passthrough"
-        create_topics(endpoints.kafka or "", [TopicSpec(name=sink, partitions=4)])
-        passthrough = passthrough_floor(
-            endpoints.kafka or "", topics.ad_requests.name, sink, requests
-        )
+        create_topics(kafka, [TopicSpec(name=sink, partitions=4)])
+        passthrough = passthrough_floor(kafka, topics.ad_requests.name, sink, requests)
         batch = s.scoring.batch_size
         forward = forward_floor(s, world, backlog[:5000], batch)
         from camoe.clients.feature_store import open_store

@@ -8,6 +8,10 @@ benchmarks is configured here, so a setting that must hold everywhere is set onc
   of an aborted transaction are never seen;
 - producers are idempotent and wait for every in-sync replica (``acks=all``); with a
   ``transactional_id`` they write exactly-once;
+- every client reaches the cluster the same way: its address and security properties
+  (``KafkaConnection``: SASL user, TLS CA) come from one place, and a refused user or
+  an untrusted certificate stops the client with one line naming the setting to fix
+  (``KafkaAccessError``) instead of retrying;
 - every client logs through Python logging, one line per change of its connection to
   the cluster ("broker unreachable, retrying", "broker back after N s": ``BrokerWatch``)
   instead of one per connection attempt, and librdkafka's own log (the ``librdkafka``
@@ -21,12 +25,13 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from camoe.settings import TopicSpec
+from camoe.settings import KafkaSecurity, TopicSpec
 
 log = logging.getLogger(__name__)
 # librdkafka's log lines (logged when the client is polled), rate-limited per kind.
@@ -38,6 +43,59 @@ UNREACHABLE = {
     KafkaError._RESOLVE,
     KafkaError._TIMED_OUT,
 }
+# What to check when the cluster refuses this client as configured (retrying cannot help).
+CHECK_CREDENTIALS = (
+    "check kafka.security.username and kafka.security.password "
+    "(CAMOE_KAFKA__SECURITY__PASSWORD or password_file)"
+)
+CHECK_CERTIFICATE = (
+    "check kafka.security.ca_file (the CA that signed the broker's certificate) "
+    "and kafka.security.check_hostname"
+)
+
+
+class KafkaAccessError(ValueError):
+    """The cluster refused the client's credentials, or its certificate is not trusted."""
+
+
+@dataclass(frozen=True)
+class KafkaConnection:
+    """A cluster's bootstrap address and how its clients reach it. A bare address string
+    may stand for one wherever a client is built: a plaintext cluster."""
+
+    bootstrap: str
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
+
+    def __str__(self) -> str:
+        return self.bootstrap
+
+    def properties(self) -> dict[str, Any]:
+        """librdkafka's connection properties; the password is read here, when a client
+        is built, and never kept in the connection or logged."""
+        s = self.security
+        properties: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap,
+            "security.protocol": s.protocol,
+        }
+        if s.protocol.startswith("SASL_"):
+            properties["sasl.mechanism"] = s.sasl_mechanism
+            properties["sasl.username"] = s.username
+            properties["sasl.password"] = s.secret() or ""
+        if s.protocol.endswith("SSL"):
+            if s.ca_file is not None:
+                properties["ssl.ca.location"] = str(s.ca_file)
+            properties["ssl.endpoint.identification.algorithm"] = (
+                "https" if s.check_hostname else "none"
+            )
+        return properties
+
+
+Kafka = KafkaConnection | str  # where clients connect: a bare address is plaintext
+
+
+def connection(kafka: Kafka) -> dict[str, Any]:
+    """The client properties of ``kafka``: its address and security."""
+    return (kafka if isinstance(kafka, KafkaConnection) else KafkaConnection(kafka)).properties()
 
 
 class RateLimit(logging.Filter):
@@ -66,6 +124,17 @@ class RateLimit(logging.Filter):
         return True
 
 
+class Refusals(logging.Filter):
+    """Drops librdkafka's lines about a refused login or an untrusted certificate: the
+    client's ``KafkaAccessError`` says it once, with the setting to fix."""
+
+    MARKS = ("SASL authentication error", "SSL handshake failed")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(mark in record.getMessage() for mark in self.MARKS)
+
+
+LIBRDKAFKA_LOG.addFilter(Refusals())
 LIBRDKAFKA_LOG.addFilter(RateLimit())
 
 
@@ -96,6 +165,10 @@ class BrokerWatch:
         }
 
     def on_error(self, error: KafkaError) -> None:
+        if refused := refusal(self.name, error):
+            # Raised out of the client call that served the callback (poll, consume,
+            # flush): the process stops with one line instead of retrying forever.
+            raise KafkaAccessError(refused)
         if error.code() in UNREACHABLE:
             if self.down_since is None:
                 self.down_since = time.monotonic()
@@ -114,11 +187,25 @@ class BrokerWatch:
             log.info("%s: broker back after %.0f s", self.name, down_s)
 
 
-def consumer_config(bootstrap: str, group_id: str, **extra: Any) -> dict[str, Any]:
+def refusal(client: str, error: KafkaError) -> str | None:
+    """When ``error`` says the cluster refused ``client``'s login or the client does not
+    trust the broker's certificate: one line, with librdkafka's reason and the settings
+    to check. Other TLS errors (a connection cut mid-stream) are not refusals."""
+    code, reason = error.code(), error.str().split(" (after ")[0]  # without timings
+    if code in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+        check = CHECK_CREDENTIALS
+    elif code == KafkaError._SSL and "certificate verify failed" in reason:
+        check = CHECK_CERTIFICATE
+    else:
+        return None
+    return f"kafka refused the {client}: {reason}; {check}"
+
+
+def consumer_config(kafka: Kafka, group_id: str, **extra: Any) -> dict[str, Any]:
     """A consumer in ``group_id`` that commits only when told and reads committed records,
     from the earliest offset when its group has none; ``extra`` adds or overrides keys."""
     return {
-        "bootstrap.servers": bootstrap,
+        **connection(kafka),
         "group.id": group_id,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
@@ -129,12 +216,12 @@ def consumer_config(bootstrap: str, group_id: str, **extra: Any) -> dict[str, An
 
 
 def producer_config(
-    bootstrap: str, linger_ms: float = 5.0, transactional_id: str | None = None, **extra: Any
+    kafka: Kafka, linger_ms: float = 5.0, transactional_id: str | None = None, **extra: Any
 ) -> dict[str, Any]:
     """An idempotent producer acknowledged by all in-sync replicas, transactional when
     ``transactional_id`` is given; ``extra`` adds or overrides keys."""
     config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
+        **connection(kafka),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": linger_ms,
@@ -146,16 +233,25 @@ def producer_config(
     return config
 
 
-def admin(bootstrap: str) -> AdminClient:
-    """An admin client that logs only errors (it is short-lived and often retried)."""
-    return AdminClient({"bootstrap.servers": bootstrap, "log_level": 4, "logger": LIBRDKAFKA_LOG})
+def admin(kafka: Kafka, name: str = "admin client") -> AdminClient:
+    """An admin client that logs only errors (it is short-lived and often retried) and
+    raises ``KafkaAccessError`` when polled after the cluster refused it (``name`` says
+    whose client it is)."""
+
+    def on_error(error: KafkaError) -> None:
+        if refused := refusal(name, error):
+            raise KafkaAccessError(refused)
+
+    return AdminClient(
+        {**connection(kafka), "log_level": 4, "logger": LIBRDKAFKA_LOG, "error_cb": on_error}
+    )
 
 
-def create_topics(bootstrap: str, topics: list[TopicSpec], timeout_s: float = 30.0) -> None:
+def create_topics(kafka: Kafka, topics: list[TopicSpec], timeout_s: float = 30.0) -> None:
     """Creates the topics that do not exist yet (idempotent). A broker that cannot be
     reached is waited for until ``timeout_s``: one that has just started may still drop
     its first connections."""
-    client = admin(bootstrap)
+    client = admin(kafka)
     existing = set(_metadata(client, timeout_s).topics)
     new = [
         NewTopic(
@@ -187,29 +283,45 @@ def kafka_error(raised: object) -> KafkaError | None:
 
 
 def _metadata(client: AdminClient, timeout_s: float) -> Any:
-    """The cluster's metadata, asked again while the cluster is unreachable."""
+    """The cluster's metadata, asked again while the cluster is unreachable; a refusal
+    (the client's error callback, served by ``poll``) raises ``KafkaAccessError``."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return client.list_topics(timeout=max(deadline - time.monotonic(), 1.0))
+            return client.list_topics(timeout=min(max(deadline - time.monotonic(), 1.0), 2.0))
         except KafkaException as raised:
+            client.poll(0)
             error = kafka_error(raised)
             if error is None or error.code() not in UNREACHABLE or time.monotonic() >= deadline:
                 raise
             time.sleep(0.5)
 
 
-def cluster_id(bootstrap: str, timeout_s: float = 10.0) -> str | None:
+def check_access(kafka: Kafka, name: str, timeout_s: float = 10.0) -> None:
+    """Raises ``KafkaAccessError`` when the cluster refuses the client's credentials or
+    certificate: before a client starts, because some of its calls (a producer's
+    ``init_transactions``) would only time out. A cluster that cannot be reached is left
+    to the clients' own retries; plaintext has nothing to refuse."""
+    if not isinstance(kafka, KafkaConnection) or kafka.security.protocol == "PLAINTEXT":
+        return
+    client = admin(kafka, name)
+    try:
+        _metadata(client, timeout_s)
+    except KafkaException:
+        pass  # not reached in time: not refused
+
+
+def cluster_id(kafka: Kafka, timeout_s: float = 10.0) -> str | None:
     """The cluster's id: a checkpoint's offsets are only valid on the cluster that gave them."""
-    client = admin(bootstrap)
+    client = admin(kafka)
     return _metadata(client, timeout_s).cluster_id
 
 
-def group_members(bootstrap: str, group_id: str, timeout_s: float = 5.0) -> int:
+def group_members(kafka: Kafka, group_id: str, timeout_s: float = 5.0) -> int:
     """How many consumers hold partitions in a stable consumer group (0 while rebalancing)."""
     from confluent_kafka import ConsumerGroupState
 
-    client = admin(bootstrap)
+    client = admin(kafka)
     description = client.describe_consumer_groups([group_id], request_timeout=timeout_s)[group_id]
     group = description.result(timeout_s)
     return len(group.members) if group.state == ConsumerGroupState.STABLE else 0
@@ -223,11 +335,11 @@ def committed_offsets(consumer: Consumer, topic: str, timeout_s: float = 10.0) -
 
 
 def read_committed(
-    bootstrap: str, topic: str, decode: Callable[[bytes], dict[str, Any]], idle_s: float = 3.0
+    kafka: Kafka, topic: str, decode: Callable[[bytes], dict[str, Any]], idle_s: float = 3.0
 ) -> list[dict[str, Any]]:
     """Every committed record of ``topic`` from its beginning, until it has been idle."""
     # A group of its own, joined and never committed.
-    consumer = Consumer(consumer_config(bootstrap, f"reader-{uuid.uuid4().hex[:8]}"))
+    consumer = Consumer(consumer_config(kafka, f"reader-{uuid.uuid4().hex[:8]}"))
     consumer.subscribe([topic])
     values: list[dict[str, Any]] = []
     give_up = time.monotonic() + 30  # joining the group takes a moment

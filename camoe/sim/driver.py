@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, Producer
 
-from camoe.clients.kafka import consumer_config, producer_config
+from camoe.clients.kafka import Kafka, consumer_config, producer_config
 from camoe.settings import Settings
 from camoe.sim.traffic import World
 from camoe.streaming.app import consume_batch
@@ -78,11 +78,11 @@ class TrafficDriver:
 
     Args:
         settings: the system's settings (topics, simulator parameters, rate).
-        bootstrap_servers: Kafka address.
+        kafka: the cluster and how to reach it.
         world: the simulated users and ads.
     """
 
-    def __init__(self, settings: Settings, bootstrap_servers: str, world: World) -> None:
+    def __init__(self, settings: Settings, kafka: Kafka, world: World) -> None:
         self.settings = settings
         self.world = world
         self.topics = settings.kafka.topics
@@ -94,10 +94,8 @@ class TrafficDriver:
             self.topics.ad_scores.name: AvroCodec("ad_scores"),
             self.topics.labelled_events.name: AvroCodec("labelled_event"),
         }
-        self._producer = Producer(producer_config(bootstrap_servers, linger_ms=5))
-        self._consumer = Consumer(
-            consumer_config(bootstrap_servers, f"simulator-{uuid.uuid4().hex[:8]}")
-        )
+        self._producer = Producer(producer_config(kafka, linger_ms=5))
+        self._consumer = Consumer(consumer_config(kafka, f"simulator-{uuid.uuid4().hex[:8]}"))
         self._consumer.subscribe(list(self._codecs))
         self._sent: dict[str, tuple[float, dict[str, Any]]] = {}
         self._due_clicks: list[tuple[float, str, bytes]] = []

@@ -119,7 +119,9 @@ def drive(
     drain_s: float,
 ) -> TrafficStats:
     """Simulated traffic for ``duration_s`` (its Kafka clients end with this call)."""
-    driver = TrafficDriver(settings, endpoints.kafka or "", World(settings.simulator))
+    driver = TrafficDriver(
+        settings, endpoints.kafka_at(settings.kafka.security), World(settings.simulator)
+    )
     try:
         return driver.run(
             duration_s,
@@ -149,7 +151,7 @@ def run_loop(
     started_here = [n for n in ("kafka", "triton", "redis") if getattr(before, n) is None]
     settings = run_topics(settings, "loop")
     try:
-        create_topics(endpoints.kafka or "", settings.kafka.topics.all())
+        create_topics(endpoints.kafka_at(settings.kafka.security), settings.kafka.topics.all())
         prepare(settings, endpoints, fresh=True)
         with components(settings, endpoints) as processes:
             watching = watch(settings, endpoints, processes) if watch else nullcontext({})

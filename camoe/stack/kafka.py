@@ -1,14 +1,18 @@
-"""Apache Kafka (KRaft, one combined broker+controller) as a local process."""
+"""Apache Kafka (KRaft, one combined broker+controller) as a local process: plaintext,
+or SASL_SSL with SCRAM-SHA-512 users."""
 
 from __future__ import annotations
 
 import shutil
 import socket
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
-from camoe.clients.kafka import admin
-from camoe.settings import ROOT, KafkaSettings
+from pydantic import SecretStr
+
+from camoe.clients.kafka import Kafka, KafkaConnection, admin
+from camoe.settings import ROOT, KafkaSecurity, KafkaSettings
 from camoe.stack.exceptions import PrerequisiteError, ServiceStartError
 from camoe.stack.process import claim_port, free_port, start_process
 
@@ -57,14 +61,55 @@ def java() -> str:
     return path
 
 
+@dataclass(frozen=True)
+class SaslSsl:
+    """A SASL_SSL listener: the broker's private key and certificate chain (one PEM file,
+    the key unencrypted PKCS#8), the CA that signed it, and the SCRAM-SHA-512 user the
+    cluster is formatted with. The broker reaches itself as that user; add others through
+    the admin API (``AdminClient.alter_user_scram_credentials``)."""
+
+    keystore: Path
+    ca_file: Path
+    username: str
+    password: SecretStr
+
+    def client(self) -> KafkaSecurity:
+        """The security settings of a client logging in as the formatted user."""
+        return KafkaSecurity(
+            protocol="SASL_SSL",
+            username=self.username,
+            password=self.password,
+            ca_file=self.ca_file,
+        )
+
+    def properties(self) -> list[str]:
+        password = self.password.get_secret_value()
+        if '"' in password or "\\" in password:
+            raise ValueError("the broker's SCRAM password cannot hold '\"' or '\\'")
+        return [
+            "inter.broker.listener.name=SASL_SSL",
+            "sasl.enabled.mechanisms=SCRAM-SHA-512",
+            "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{self.username}" password="{password}";',
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={self.keystore}",
+            "ssl.truststore.type=PEM",
+            f"ssl.truststore.location={self.ca_file}",
+        ]
+
+
 def start_broker(
     settings: KafkaSettings,
     data_dir: Path,
     log_path: Path,
     timeout_s: float,
     port: int | None = None,
+    sasl_ssl: SaslSsl | None = None,
 ) -> tuple[int, str]:
-    """Formats a fresh KRaft log folder and starts a broker; returns (pid, bootstrap)."""
+    """Formats a fresh KRaft log folder and starts a broker, plaintext or with a
+    ``sasl_ssl`` listener; returns (pid, bootstrap)."""
     libs = ensure_jars()
     port, controller_port = claim_port(port, "kafka"), free_port()
     # The stack's broker always starts empty. A log folder left by one that died without
@@ -72,16 +117,19 @@ def start_broker(
     shutil.rmtree(data_dir / "logs", ignore_errors=True)
     data_dir.mkdir(parents=True, exist_ok=True)
     properties = data_dir / "server.properties"
+    listener = "PLAINTEXT" if sasl_ssl is None else "SASL_SSL"
+    properties.touch(mode=0o600)  # a SASL_SSL broker's file holds its user's password
     properties.write_text(
         "\n".join(
             [
                 "process.roles=broker,controller",
                 "node.id=1",
                 f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+                f"listeners={listener}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+                f"advertised.listeners={listener}://127.0.0.1:{port}",
                 "controller.listener.names=CONTROLLER",
-                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                f"listener.security.protocol.map=CONTROLLER:PLAINTEXT,{listener}:{listener}",
+                *(sasl_ssl.properties() if sasl_ssl else []),
                 f"log.dirs={data_dir / 'logs'}",
                 "num.partitions=1",
                 "offsets.topic.replication.factor=1",
@@ -97,15 +145,21 @@ def start_broker(
     )
     jvm = _jvm(settings, libs)
     cluster_id = _storage_tool(jvm, "random-uuid").splitlines()[-1]
-    _storage_tool(jvm, "format", "-t", cluster_id, "-c", str(properties))
-    return _run(jvm, properties, f"127.0.0.1:{port}", log_path, timeout_s)
+    users = []
+    if sasl_ssl is not None:  # SCRAM users of KRaft are written at format time (KIP-900)
+        password = sasl_ssl.password.get_secret_value()
+        users = ["--add-scram", f"SCRAM-SHA-512=[name={sasl_ssl.username},password={password}]"]
+    _storage_tool(jvm, "format", "-t", cluster_id, "-c", str(properties), *users)
+    bootstrap = f"127.0.0.1:{port}"
+    probe = bootstrap if sasl_ssl is None else KafkaConnection(bootstrap, sasl_ssl.client())
+    return _run(jvm, properties, probe, log_path, timeout_s)
 
 
 def restart_broker(
     settings: KafkaSettings, data_dir: Path, log_path: Path, timeout_s: float
 ) -> tuple[int, str]:
-    """Starts a broker again on the log folder and ports ``start_broker`` gave it (after
-    a crash, say): its topics, offsets and transactions are where it left them."""
+    """Starts a plaintext broker again on the log folder and ports ``start_broker`` gave
+    it (after a crash, say): its topics, offsets and transactions are where it left them."""
     properties = data_dir / "server.properties"
     if not properties.exists():
         raise ServiceStartError(f"kafka: no broker was started in {data_dir}: nothing to restart")
@@ -130,16 +184,16 @@ def _jvm(settings: KafkaSettings, libs: Path) -> list[str]:
 
 
 def _run(
-    jvm: list[str], properties: Path, bootstrap: str, log_path: Path, timeout_s: float
+    jvm: list[str], properties: Path, kafka: Kafka, log_path: Path, timeout_s: float
 ) -> tuple[int, str]:
     pid = start_process(
         "kafka",
         [*jvm, "kafka.Kafka", str(properties)],
         log_path,
-        healthy=lambda: broker_ready(bootstrap),
+        healthy=lambda: broker_ready(kafka),
         timeout_s=timeout_s,
     )
-    return pid, bootstrap
+    return pid, str(kafka)
 
 
 def _storage_tool(jvm: list[str], *args: str) -> str:
@@ -151,9 +205,9 @@ def _storage_tool(jvm: list[str], *args: str) -> str:
     return done.stdout.strip()
 
 
-def broker_ready(bootstrap: str, timeout_s: float = 1.0) -> bool:
-    host, port = bootstrap.split(",")[0].rsplit(":", 1)
+def broker_ready(kafka: Kafka, timeout_s: float = 1.0) -> bool:
+    host, port = str(kafka).split(",")[0].rsplit(":", 1)
     # A plain TCP probe first: librdkafka logs every refused connection while it retries.
     with socket.create_connection((host, int(port)), timeout=timeout_s):
         pass
-    return bool(admin(bootstrap).list_topics(timeout=timeout_s).brokers)
+    return bool(admin(kafka).list_topics(timeout=timeout_s).brokers)

@@ -14,8 +14,8 @@ import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from camoe.clients.kafka import create_topics
-from camoe.settings import Settings
+from camoe.clients.kafka import KafkaConnection, create_topics
+from camoe.settings import KafkaSecurity, Settings
 from camoe.stack import kafka, redis, triton
 from camoe.stack.exceptions import StackError
 from camoe.stack.process import pid_alive, stop_pid
@@ -35,6 +35,15 @@ class Endpoints:
     redis: str | None = None
     pids: dict[str, int] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
+
+    def kafka_at(self, security: KafkaSecurity) -> KafkaConnection:
+        """The cluster's address with the security its clients reach it with."""
+        if self.kafka is None:
+            raise StackError(
+                "kafka is not running: start the stack (`camoe stack up`) "
+                "or set KAFKA_BOOTSTRAP_SERVERS"
+            )
+        return KafkaConnection(self.kafka, security)
 
 
 class Stack:
@@ -86,6 +95,12 @@ class Stack:
         # must not become the stack's for a later process without that setting.
         own = self._load()
         endpoints = self._configured(own)
+        protocol = self.settings.kafka.security.protocol
+        if "kafka" in services and endpoints.kafka is None and protocol != "PLAINTEXT":
+            raise StackError(
+                f"kafka.security.protocol is {protocol} but the stack's broker is plaintext: "
+                "set kafka.bootstrap_servers (KAFKA_BOOTSTRAP_SERVERS) to your cluster"
+            )
         timeout = self.settings.stack.startup_timeout_s
         logs = self.state_dir / "logs"
         ports = self.settings.stack.ports
@@ -132,7 +147,9 @@ class Stack:
                     own.triton_http = endpoints.triton_http
             self._save(own)
         if "kafka" in services:
-            create_topics(endpoints.kafka, self.settings.kafka.topics.all())
+            create_topics(
+                endpoints.kafka_at(self.settings.kafka.security), self.settings.kafka.topics.all()
+            )
         return endpoints
 
     def down(self) -> list[str]:

@@ -50,7 +50,13 @@ from typing import Any, NamedTuple, Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import CollectorRegistry, Histogram
 
-from camoe.clients.kafka import consumer_config, kafka_error, producer_config
+from camoe.clients.kafka import (
+    Kafka,
+    check_access,
+    consumer_config,
+    kafka_error,
+    producer_config,
+)
 from camoe.settings import StreamSettings
 from camoe.streaming.avro import AvroCodec
 from camoe.streaming.exceptions import (
@@ -165,7 +171,7 @@ class StreamApp:
 
     Args:
         name: the consumer's name, written into dead letters.
-        bootstrap_servers: Kafka bootstrap address.
+        kafka: the cluster and how to reach it (a bare address: plaintext).
         sources: input topic -> codec.
         sinks: output topic -> codec.
         dead_letter_topic: where undecodable or unprocessable records go.
@@ -187,7 +193,7 @@ class StreamApp:
     def __init__(
         self,
         name: str,
-        bootstrap_servers: str,
+        kafka: Kafka,
         sources: dict[str, Any],
         sinks: dict[str, Any],
         dead_letter_topic: str,
@@ -224,8 +230,9 @@ class StreamApp:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 5),
             registry=self.registry,
         ).labels(name)
+        check_access(kafka, name)
         self._consumer_config = consumer_config(
-            bootstrap_servers,
+            kafka,
             group_id,
             **{
                 "max.poll.interval.ms": 60_000,
@@ -246,7 +253,7 @@ class StreamApp:
         if guarantee == "exactly-once":
             transactional_id = f"{group_id}-{name}-{instance_id or uuid.uuid4().hex[:12]}"
         self._producer_config = producer_config(
-            bootstrap_servers, options.linger_ms, transactional_id=transactional_id
+            kafka, options.linger_ms, transactional_id=transactional_id
         )
         self._producer = Producer(self._producer_config)
         # Runs the transactional calls that can hang (see _bounded); replaced when one does.

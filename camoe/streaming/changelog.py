@@ -17,7 +17,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from camoe.clients.kafka import consumer_config
+from camoe.clients.kafka import Kafka, consumer_config
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ State = dict[int, dict[str, dict[str, Any]]]
 
 
 def read_changelog(
-    bootstrap_servers: str,
+    kafka: Kafka,
     topic: str,
     codec: Any,
     partitions: list[int],
@@ -43,7 +43,7 @@ def read_changelog(
     # (its last stable offset) is reported as an event: offsets alone cannot tell,
     # transaction markers occupy offsets too.
     consumer = Consumer(
-        consumer_config(bootstrap_servers, f"{topic}-restore", **{"enable.partition.eof": True})
+        consumer_config(kafka, f"{topic}-restore", **{"enable.partition.eof": True})
     )
     try:
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])

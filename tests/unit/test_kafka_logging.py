@@ -66,3 +66,24 @@ def test_every_client_config_routes_its_reports_to_a_watch(config):
     assert config["error_cb"].__self__.__class__ is BrokerWatch
     assert config["stats_cb"].__self__ is config["error_cb"].__self__
     assert config["statistics.interval.ms"] == BrokerWatch.STATS_INTERVAL_MS
+
+
+@pytest.mark.parametrize(
+    ("code", "says"),
+    [
+        (KafkaError._AUTHENTICATION, "check kafka.security.username and kafka.security.password"),
+        (KafkaError._SSL, "check kafka.security.ca_file"),
+    ],
+)
+def test_a_refusal_stops_the_client_with_one_line_and_librdkafkas_copy_is_dropped(code, says):
+    watch = BrokerWatch("consumer camoe-labeler")
+    reason = "sasl_ssl://127.0.0.1:1/bootstrap: certificate verify failed (after 5ms in state X)"
+    with pytest.raises(kafka.KafkaAccessError) as refused:
+        watch.on_error(KafkaError(code, reason))
+    line = str(refused.value)
+    assert line.startswith("kafka refused the consumer camoe-labeler: sasl_ssl://")
+    assert says in line and "\n" not in line and "after 5ms" not in line
+    # A TLS connection cut mid-stream is not a refusal: the client retries it.
+    watch.on_error(KafkaError(KafkaError._SSL, "SSL transport error: connection reset"))
+    assert not kafka.Refusals().filter(_record("FAIL [rdkafka#consumer-1] SSL handshake failed"))
+    assert kafka.Refusals().filter(_record("FAIL [rdkafka#consumer-1] Connection refused"))

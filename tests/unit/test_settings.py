@@ -268,3 +268,76 @@ def test_child_processes_get_the_password_from_the_environment_not_the_file(tmp_
     assert "hunter2" not in path.read_text() and "password:" not in path.read_text()
     assert secret_environment(settings) == {"CAMOE_REDIS__PASSWORD": "hunter2"}
     assert secret_environment(Settings()) == {}
+
+
+# --- Kafka security ---------------------------------------------------------------------
+
+
+def test_kafka_security_is_plaintext_by_default_and_sasl_needs_a_user():
+    assert Settings().kafka.security.protocol == "PLAINTEXT"
+    with pytest.raises(ValidationError, match=r"set kafka\.security\.username"):
+        Settings(kafka={"security": {"protocol": "SASL_SSL"}})
+    with pytest.raises(ValidationError, match="no password is set"):
+        Settings(kafka={"security": {"protocol": "SASL_SSL", "username": "camoe"}})
+    with pytest.raises(ValidationError, match="has no SASL"):
+        Settings(kafka={"security": {"username": "camoe", "password": "pw"}})
+
+
+def test_kafka_password_comes_from_the_environment_or_a_file_and_never_shows(monkeypatch, tmp_path):
+    monkeypatch.setenv("CAMOE_KAFKA__SECURITY__PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("CAMOE_KAFKA__SECURITY__USERNAME", "camoe")
+    monkeypatch.setenv("CAMOE_KAFKA__SECURITY__PASSWORD", "hunter2")
+    settings = Settings()
+    assert settings.kafka.security.secret() == "hunter2"
+    assert "hunter2" not in repr(settings) and "hunter2" not in settings.model_dump_json()
+    monkeypatch.delenv("CAMOE_KAFKA__SECURITY__PASSWORD")
+    secret = tmp_path / "kafka-password"
+    secret.write_text("from-a-file\n")
+    from_file = Settings(kafka={"security": {"password_file": secret}}).kafka.security
+    assert from_file.secret() == "from-a-file"
+    missing = Settings(kafka={"security": {"password_file": tmp_path / "nope"}}).kafka.security
+    with pytest.raises(ValueError, match=r"kafka\.security\.password_file: cannot read"):
+        missing.secret()
+
+
+def test_every_client_gets_the_security_properties_from_the_connection(tmp_path):
+    from camoe.clients.kafka import KafkaConnection, consumer_config, producer_config
+
+    security = Settings(
+        kafka={
+            "security": {
+                "protocol": "SASL_SSL",
+                "username": "camoe",
+                "password": "hunter2",
+                "ca_file": tmp_path / "ca.pem",
+            }
+        }
+    ).kafka.security
+    connection = KafkaConnection("127.0.0.1:9093", security)
+    expected = {
+        "bootstrap.servers": "127.0.0.1:9093",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "camoe",
+        "sasl.password": "hunter2",
+        "ssl.ca.location": str(tmp_path / "ca.pem"),
+        "ssl.endpoint.identification.algorithm": "https",
+    }
+    assert connection.properties() == expected
+    for config in (consumer_config(connection, "g"), producer_config(connection)):
+        assert {k: config[k] for k in expected} == expected
+    assert "hunter2" not in repr(connection) and str(connection) == "127.0.0.1:9093"
+    # A bare address is a plaintext cluster.
+    assert consumer_config("127.0.0.1:9092", "g")["security.protocol"] == "PLAINTEXT"
+    assert "sasl.password" not in producer_config("127.0.0.1:9092")
+
+
+def test_child_processes_get_the_kafka_password_from_the_environment_not_the_file(tmp_path):
+    from camoe.supervisor import secret_environment, write_settings
+
+    settings = Settings(
+        kafka={"security": {"protocol": "SASL_SSL", "username": "camoe", "password": "hunter2"}}
+    )
+    path = write_settings(settings, tmp_path / "settings.yaml")
+    assert "hunter2" not in path.read_text() and "password:" not in path.read_text()
+    assert secret_environment(settings) == {"CAMOE_KAFKA__SECURITY__PASSWORD": "hunter2"}

@@ -12,7 +12,7 @@ import pytest
 
 from camoe.settings import ROOT, Settings
 from camoe.stack import kafka, redis, triton
-from camoe.stack.exceptions import PortBusyError, PrerequisiteError, ServiceStartError
+from camoe.stack.exceptions import PortBusyError, PrerequisiteError, ServiceStartError, StackError
 from camoe.stack.process import claim_port, pid_alive, start_process, stop_pid
 from camoe.stack.stack import Stack
 
@@ -120,3 +120,12 @@ def test_cli_prints_one_line_for_a_missing_prerequisite(tmp_path):
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("camoe: ") and "Java 17+ is missing" in last
+
+
+def test_a_secured_kafka_needs_a_configured_cluster(tmp_path):
+    secured = Settings(
+        kafka={"security": {"protocol": "SASL_SSL", "username": "camoe", "password": "pw"}},
+        stack={"state_dir": tmp_path},
+    )
+    with pytest.raises(StackError, match=r"stack's broker is plaintext: set kafka\.bootstrap"):
+        Stack(secured).up(("kafka",))
