@@ -38,6 +38,7 @@ CODECS = {  # topic field in settings -> schema name
     "model_updates": "model_update",
     "dead_letters": "dead_letter",
     "labeler_state": "labeler_state",
+    "counter_updates": "counter_update",
 }
 
 
@@ -144,25 +145,26 @@ def run_labeler(settings: Settings, stop: Event) -> None:
 
     endpoints = endpoints_for(settings, "kafka")
     topics = settings.kafka.topics
-    spec = (topics.feature_log, topics.ad_clicks, topics.labeler_state)
+    spec = (topics.feature_log, topics.ad_clicks, topics.labeler_state, topics.counter_updates)
     if len({t.partitions for t in spec}) != 1:
         raise ValueError(
-            "feature_log, ad_clicks and labeler_state need one partition count: "
-            "the labeler's state is kept per input partition"
+            "feature_log, ad_clicks, labeler_state and counter_updates need one partition "
+            "count: the labeler's state is kept per input partition"
         )
     store = open_store(settings.feast, endpoints.redis, settings.redis)
     app = _app(
         settings,
         "labeler",
         settings.labeler,
-        ("feature_log", "ad_clicks"),
-        ("labelled_events", "labeler_state"),
+        ("feature_log", "ad_clicks", "counter_updates"),
+        ("labelled_events", "labeler_state", "counter_updates"),
     )
     state, kafka = topics.labeler_state.name, endpoints.kafka_at(settings.kafka.security)
     labeler = Labeler(
         topics.feature_log.name,
         topics.labelled_events.name,
         state,
+        topics.counter_updates.name,
         settings.labeler.attribution_window_s,
         read_state=lambda partitions: read_changelog(kafka, state, app.sinks[state], partitions),
         push_counters=counter_pusher(store),

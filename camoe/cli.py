@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -145,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, settings)
     except (StackError, NotRunningError, FileNotFoundError, ValueError) as error:
         print(f"camoe: {error}", file=sys.stderr)
+        if args.command in ("score", "label", "train"):
+            # A component that could not start holds native clients and threads (Kafka,
+            # Feast, torch) that nothing needs any more; tearing them down in the
+            # interpreter's finalisation can crash it after the line is out.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
 
 

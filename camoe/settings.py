@@ -51,6 +51,9 @@ class TopicsSettings(Section):
     dead_letters: TopicSpec = TopicSpec(name="dead-letters", partitions=1)
     # The labeler's state changelog: partition n holds the state of its inputs' partition n.
     labeler_state: TopicSpec = TopicSpec(name="labeler-state", partitions=4, compacted=True)
+    # The labeler's counter increments, keyed by user or ad: the repartition that makes
+    # each entity's counter one worker's, exact however many labelers run.
+    counter_updates: TopicSpec = TopicSpec(name="counter-updates", partitions=4)
 
     def all(self) -> list[TopicSpec]:
         return [getattr(self, name) for name in type(self).model_fields]

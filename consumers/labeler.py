@@ -41,14 +41,18 @@ At-least-once is refused: without the transaction a crash could leave the change
 ahead of the labels it goes with, and those labels would be lost.
 
 It also keeps per-user and per-ad impression and click counters and writes them into
-Feast's counter views (the online store), so scoring sees fresh counters. Counters are
-kept per partition (one user's impressions come from every partition) and written as
-the sum over this worker's partitions: exact with one labeler worker (the default), a
-worker's share with more. A write happens before its transaction commits; a crash
-before the commit is corrected by the write of the replayed batch. While the store
-cannot be written, labelling goes on and the changed counters wait; once a write gets
-through again, the labeler materialises the profiles again and writes every counter it
-holds, since a store without persistence comes back empty.
+Feast's counter views (the online store), so scoring sees fresh counters. One user's
+impressions come from every input partition, so the counts are repartitioned by entity,
+as Kafka Streams does: each batch's increments go to the ``counter-updates`` topic keyed
+``user:<id>`` / ``ad:<id>`` (in the batch's transaction), and the labeler reads that
+topic back as a third input. Every increment of an entity lands in one partition, held
+by one worker, which sums them into its state (the changelog, in the same transaction
+as the increments' offsets) and writes the total: exact however many labeler workers
+run. A write happens before its transaction commits; a crash before the commit is
+corrected by the write of the replayed batch. While the store cannot be written,
+labelling goes on and the changed counters wait; once a write gets through again, the
+labeler materialises the profiles again and writes every counter it holds, since a
+store without persistence comes back empty.
 """
 
 from __future__ import annotations
@@ -113,8 +117,9 @@ class Progress:
 
 @dataclass
 class PartitionState:
-    """Everything the labeler holds for input partition n (feature-log n, ad-clicks n);
-    keys are the changelog's: request ids, and ``user:<id>`` / ``ad:<id>`` counters."""
+    """Everything the labeler holds for input partition n (feature-log n, ad-clicks n,
+    counter-updates n); keys are the changelog's: request ids, and ``user:<id>`` /
+    ``ad:<id>`` counters."""
 
     pending: dict[str, Pending] = field(default_factory=dict)
     orphans: dict[str, Record] = field(default_factory=dict)  # clicks before impressions
@@ -181,7 +186,8 @@ class Labeler:
     """StreamApp handler over feature-log and ad-clicks, and its ``PartitionHooks``.
 
     Args:
-        feature_log_topic, labelled_topic, state_topic: topic names (state: the changelog).
+        feature_log_topic, labelled_topic, state_topic, counter_topic: topic names (state:
+            the changelog; counter: the counter increments, keyed by entity).
         window_s: attribution window.
         read_state: reads the changelog of partitions on assignment; None starts empty.
         push_counters: called with (user counters, ad counters) to push into Feast, or None;
@@ -202,6 +208,7 @@ class Labeler:
         feature_log_topic: str,
         labelled_topic: str,
         state_topic: str,
+        counter_topic: str,
         window_s: float,
         read_state: ReadState | None = None,
         push_counters: PushCounters | None = None,
@@ -220,6 +227,7 @@ class Labeler:
         self.fake_negative = fake_negative
         self.labelled_topic = labelled_topic
         self.state_topic = state_topic
+        self.counter_topic = counter_topic
         self.window_ms = int(window_s * 1000)
         self.read_state = read_state
         self.push_counters = push_counters
@@ -231,6 +239,7 @@ class Labeler:
         self.counts: Counter[str] = Counter()
         self._changed: dict[int, set[str]] = {}  # keys changed in this batch, per partition
         self._unpushed: set[str] = set()  # counter keys changed since the last push
+        self._increments: dict[str, list[int]] = {}  # this batch's, by counter key
 
     # --- partitions ------------------------------------------------------------------
 
@@ -282,6 +291,9 @@ class Labeler:
         for record in records:
             n = record.partition
             state = self.partitions.setdefault(n, PartitionState())
+            if record.topic == self.counter_topic:
+                self._add(n, state, record, result)
+                continue
             ahead_ms = record.value["event_time"] - clock
             if ahead_ms > self.max_skew_ms:
                 self.counts["future_events"] += 1
@@ -304,6 +316,11 @@ class Labeler:
             self._expire_orphans(n, state, state.impressions.now(clock, self.window_ms), result)
             self._forget(n, state, state.clicks.now(clock, self.window_ms))
         result.outputs.extend(self._changelog())
+        result.outputs.extend(
+            Output(self.counter_topic, key, {"impressions": i, "clicks": c})
+            for key, (i, c) in sorted(self._increments.items())
+        )
+        self._increments.clear()
         if self.push_counters and self._unpushed:
             self._push(self.push_counters)
         return result
@@ -342,7 +359,7 @@ class Labeler:
         if request_id in state.pending or request_id in state.decided:
             self.counts["duplicate_impressions"] += 1  # re-scored after a scorer crash
             return
-        self._count(n, state, row["user_id"], row["ad_id"], impressions=1, clicks=0)
+        self._count(row["user_id"], row["ad_id"], impressions=1, clicks=0)
         state.wait(request_id, self._pending(row))
         self._changed_key(n, request_id)
         if self.fake_negative:
@@ -472,7 +489,7 @@ class Labeler:
     ) -> None:
         """Decides ``impression``'s label (1 with a click) and emits it."""
         if click is not None:
-            self._count(n, state, impression["user_id"], impression["ad_id"], 0, 1)
+            self._count(impression["user_id"], impression["ad_id"], 0, 1)
         state.decide(impression["request_id"], self._decided(int(click is not None), impression))
         self._changed_key(n, impression["request_id"])
         self._output(impression, click, late, result)
@@ -513,19 +530,28 @@ class Labeler:
 
     # --- counters ------------------------------------------------------------------
 
-    def _count(
-        self, n: int, state: PartitionState, user_id: str, ad_id: str, impressions: int, clicks: int
-    ) -> None:
+    def _count(self, user_id: str, ad_id: str, impressions: int, clicks: int) -> None:
+        """Adds to this batch's increments of the user's and the ad's counters."""
         for key in (f"user:{user_id}", f"ad:{ad_id}"):
-            counter = state.counters.setdefault(key, [0, 0])
-            counter[0] += impressions
-            counter[1] += clicks
-            self._changed_key(n, key)
-            self._unpushed.add(key)
+            increment = self._increments.setdefault(key, [0, 0])
+            increment[0] += impressions
+            increment[1] += clicks
+
+    def _add(self, n: int, state: PartitionState, record: Record, result: BatchResult) -> None:
+        """An increment read back from counter-updates: into the entity's total."""
+        key = (record.key or b"").decode(errors="replace")
+        if not key.startswith(("user:", "ad:")):
+            result.dead_letters.append((record, f"counter key {key!r} is not user:<id> or ad:<id>"))
+            return
+        counter = state.counters.setdefault(key, [0, 0])
+        counter[0] += record.value["impressions"]
+        counter[1] += record.value["clicks"]
+        self._changed_key(n, key)
+        self._unpushed.add(key)
 
     def _totals(self, keys: set[str]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
-        """(user id -> [impressions, clicks], ad id -> ...) summed over this worker's
-        partitions, for the counter keys given."""
+        """(user id -> [impressions, clicks], ad id -> ...) for the counter keys given:
+        each is in one partition of this worker's (counter-updates is keyed by entity)."""
         users: dict[str, list[int]] = {}
         ads: dict[str, list[int]] = {}
         for key in keys:
@@ -539,12 +565,12 @@ class Labeler:
 
     @property
     def user_counters(self) -> dict[str, list[int]]:
-        """user id -> [impressions, clicks] over this worker's partitions."""
+        """user id -> [impressions, clicks] of the users whose counters this worker holds."""
         return self._totals(self._counter_keys())[0]
 
     @property
     def ad_counters(self) -> dict[str, list[int]]:
-        """ad id -> [impressions, clicks] over this worker's partitions."""
+        """ad id -> [impressions, clicks] of the ads whose counters this worker holds."""
         return self._totals(self._counter_keys())[1]
 
     def _counter_keys(self) -> set[str]:

@@ -52,7 +52,7 @@ LEARNED_SHARE = 0.9
 # component -> (its settings section, the topic fields it consumes)
 INPUTS = {
     "score": ("scoring", ("ad_requests",)),
-    "label": ("labeler", ("feature_log", "ad_clicks")),
+    "label": ("labeler", ("feature_log", "ad_clicks", "counter_updates")),
     "train": ("trainer", ("labelled_events",)),
 }
 TICKS = os.sysconf("SC_CLK_TCK")

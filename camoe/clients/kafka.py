@@ -308,7 +308,15 @@ def check_access(kafka: Kafka, name: str, timeout_s: float = 10.0) -> None:
     try:
         _metadata(client, timeout_s)
     except KafkaException:
-        pass  # not reached in time: not refused
+        return  # not reached in time: not refused
+    except KafkaAccessError as error:
+        refused = str(error)
+    else:
+        return
+    # The client goes now, not with the traceback at interpreter exit: librdkafka torn
+    # down during Python's finalisation can crash the process.
+    del client
+    raise KafkaAccessError(refused)
 
 
 def cluster_id(kafka: Kafka, timeout_s: float = 10.0) -> str | None:

@@ -39,6 +39,7 @@ SCHEMA_FILES = {
     "model_update": "model_update.avsc",
     "dead_letter": "dead_letter.avsc",
     "labeler_state": "labeler_state.avsc",
+    "counter_update": "counter_update.avsc",
 }
 # Records a schema embeds by name from other files (each at most once per schema).
 EMBEDS = {

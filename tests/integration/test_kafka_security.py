@@ -124,7 +124,7 @@ def run_component(
     """``camoe <name>`` with ``settings`` until it exits (at most 60 s): its exit code,
     its output and how long it ran."""
     config = write_settings(settings, tmp_path / "settings.yaml")
-    env = {**os.environ, "CAMOE_CONFIG": str(config)}
+    env = {**os.environ, "CAMOE_CONFIG": str(config), "PYTHONFAULTHANDLER": "1"}
     password = settings.kafka.security.password
     if password is not None:
         env["CAMOE_KAFKA__SECURITY__PASSWORD"] = password.get_secret_value()

@@ -43,8 +43,11 @@ KILLS = 5
 @pytest.fixture(scope="module", params=["window", "fake-negative"])
 def world(services, tmp_path_factory, request):
     """Settings with their own topics, consumer group and feature repository, per mode."""
+    return make_world(services, tmp_path_factory.mktemp("labeler"), request.param)
+
+
+def make_world(services, root: Path, feedback: str) -> tuple[Settings, str, Path, str]:
     settings, endpoints = services
-    root = tmp_path_factory.mktemp("labeler")
     feature_repo, _ = copy_repos(root)
     suffix = uuid.uuid4().hex[:6]
     renamed = run_topics(settings, "labeler").kafka.topics
@@ -60,7 +63,7 @@ def world(services, tmp_path_factory, request):
                 update={
                     "group_id": f"labeler-{suffix}",
                     "attribution_window_s": WINDOW_S,
-                    "feedback": request.param,
+                    "feedback": feedback,
                     # Every negative emitted, so each impression's label is checked.
                     "negative_sampling_rate": 1.0,
                 }
@@ -180,8 +183,8 @@ class Traffic(threading.Thread):
         producer.poll(0)
 
 
-def _start_labeler(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "CAMOE_CONFIG": str(config), "CAMOE_WORKER_ID": "0"}
+def _start_labeler(config: Path, log_path: Path, worker: int = 0) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "CAMOE_CONFIG": str(config), "CAMOE_WORKER_ID": str(worker)}
     with log_path.open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "camoe.cli", "label"],
@@ -233,8 +236,7 @@ def _read_all(bootstrap: str, topic: str, codec: AvroCodec, done: Any, timeout_s
 
 
 def test_sigkilled_labeler_loses_and_repeats_no_label(world, tmp_path):
-    s, bootstrap, config, suffix = world
-    topics = s.kafka.topics
+    s, _, config, suffix = world
     traffic = Traffic(s, suffix, rate=40.0, least=3_000)
     log_path = tmp_path / "label.log"
     log_path.touch()
@@ -250,32 +252,99 @@ def test_sigkilled_labeler_loses_and_repeats_no_label(world, tmp_path):
             process.wait()
             process = _start_labeler(config, log_path)
         _wait_restored(process, log_path, 4 * (KILLS + 1))
-        traffic.stop.set()
-        traffic.join(300)
-        assert not traffic.is_alive() and traffic.error is None, traffic.error
-
-        impressions, clicked, unknown = traffic.impressions, traffic.clicked, traffic.unknown
-
-        def complete(values: list[dict[str, Any]]) -> bool:
-            seen = {v["impression"]["request_id"] for v in values if not v["late_positive"]}
-            positives = sum(v["label"] for v in values)
-            return seen >= impressions.keys() and positives >= len(clicked)
-
-        labels = _read_all(bootstrap, topics.labelled_events.name, LABELLED, complete, 300)
-        letters = _read_all(
-            bootstrap,
-            topics.dead_letters.name,
-            DEAD_LETTERS,
-            lambda values: {v["key"].decode() for v in values} >= unknown,
-            120,
-        )
+        labels = _finish(s, traffic)
         assert process.poll() is None, f"the labeler died; see {log_path}"
     finally:
         traffic.stop.set()
         process.terminate()
         process.wait(60)
     seconds = time.monotonic() - started
+    late = _assert_exactly_once(s, traffic, labels)
 
+    # The restarts did restore state: pending impressions survived the kills.
+    restored_pending = [
+        int(n) for n in re.findall(r"restored: (\d+) pending", log_path.read_text())
+    ]
+    assert sum(restored_pending) > 0
+    _assert_counters(s, traffic)
+    print(
+        f"\n{s.labeler.feedback} mode: {KILLS} kills, {len(traffic.impressions)} impressions, "
+        f"{traffic.clicks_sent} clicks ({len(traffic.clicked)} clicked impressions, {late} "
+        f"late positives, {len(traffic.unknown)} unknown), {len(labels)} labels, {seconds:.0f}s"
+    )
+
+
+def test_two_labelers_one_sigkilled_count_every_entity_exactly(services, tmp_path):
+    """Two workers share the four partitions; one is killed (SIGKILL) and restarted three
+    times. Labels stay exactly-once, and every user's and ad's counters in Feast equal
+    what was produced, although each entity's impressions reach both workers."""
+    s, _, config, suffix = make_world(services, tmp_path, "fake-negative")
+    traffic = Traffic(s, suffix, rate=40.0, least=2_000)
+    logs = [tmp_path / f"label-{w}.log" for w in (0, 1)]
+    rng = np.random.default_rng(29)
+    traffic.start()
+    processes = [_start_labeler(config, logs[w], worker=w) for w in (0, 1)]
+    try:
+        for w in (0, 1):
+            _wait_restored(processes[w], logs[w], 1)
+        for _ in range(3):
+            time.sleep(float(rng.uniform(2.0, 5.0)))  # a random moment while labelling
+            processes[1].send_signal(signal.SIGKILL)
+            processes[1].wait()
+            before = logs[1].read_text().count("restored:")
+            processes[1] = _start_labeler(config, logs[1], worker=1)
+            _wait_restored(processes[1], logs[1], before + 1)
+        labels = _finish(s, traffic)
+        for w in (0, 1):
+            assert processes[w].poll() is None, f"labeler {w} died; see {logs[w]}"
+    finally:
+        traffic.stop.set()
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(60)
+    _assert_exactly_once(s, traffic, labels)
+    for w in (0, 1):  # both took part
+        assert "restored:" in logs[w].read_text() and "assigned" in logs[w].read_text()
+    counted = _assert_counters(s, traffic, every_entity=True)
+    print(
+        f"\ntwo labelers, 3 kills of one: {len(traffic.impressions)} impressions, "
+        f"{len(labels)} labels, {counted} users and ads counted exactly"
+    )
+
+
+def _finish(s: Settings, traffic: Traffic) -> list[dict[str, Any]]:
+    """Stops the traffic and reads back every label once all of them are committed."""
+    traffic.stop.set()
+    traffic.join(300)
+    assert not traffic.is_alive() and traffic.error is None, traffic.error
+    impressions, clicked = traffic.impressions, traffic.clicked
+
+    def complete(values: list[dict[str, Any]]) -> bool:
+        seen = {v["impression"]["request_id"] for v in values if not v["late_positive"]}
+        positives = sum(v["label"] for v in values)
+        return seen >= impressions.keys() and positives >= len(clicked)
+
+    bootstrap = s.kafka.bootstrap_servers or ""
+    labels = _read_all(bootstrap, s.kafka.topics.labelled_events.name, LABELLED, complete, 300)
+    letters = _read_all(
+        bootstrap,
+        s.kafka.topics.dead_letters.name,
+        DEAD_LETTERS,
+        lambda values: {v["key"].decode() for v in values} >= traffic.unknown,
+        120,
+    )
+    unknown_letters = Counter(
+        v["key"].decode() for v in letters if "unknown impression" in v["reason"]
+    )
+    assert unknown_letters.keys() == traffic.unknown and set(unknown_letters.values()) == {1}
+    return labels
+
+
+def _assert_exactly_once(s: Settings, traffic: Traffic, labels: list[dict[str, Any]]) -> int:
+    """Every label once: one per impression (window mode) or one negative each
+    (fake-negative), one positive per clicked impression. Returns the late positives."""
+    impressions, clicked = traffic.impressions, traffic.clicked
     by_request = Counter(
         (v["impression"]["request_id"], v["label"], v["late_positive"]) for v in labels
     )
@@ -283,7 +352,6 @@ def test_sigkilled_labeler_loses_and_repeats_no_label(world, tmp_path):
     assert not repeated, f"{len(repeated)} labels emitted twice, e.g. {list(repeated)[:3]}"
     fake_negative = s.labeler.feedback == "fake-negative"
     assert {v["fake_negative"] for v in labels} == {fake_negative}
-    # Window mode: one label per impression; fake-negative mode: one negative each.
     first = [v for v in labels if (v["label"] == 0 if fake_negative else not v["late_positive"])]
     once = Counter(v["impression"]["request_id"] for v in first)
     assert once.keys() == impressions.keys(), (
@@ -296,39 +364,46 @@ def test_sigkilled_labeler_loses_and_repeats_no_label(world, tmp_path):
     assert sum(v["label"] for v in labels) == len(clicked)  # duplicated clicks count once
     late = sum(v["late_positive"] for v in labels)
     assert late > 0, "no late positive: the test did not exercise them"
-    unknown_letters = Counter(
-        v["key"].decode() for v in letters if "unknown impression" in v["reason"]
-    )
-    assert unknown_letters.keys() == traffic.unknown and set(unknown_letters.values()) == {1}
+    return late
 
-    # The restarts did restore state: pending impressions survived the kills.
-    restored_pending = [
-        int(n) for n in re.findall(r"restored: (\d+) pending", log_path.read_text())
-    ]
-    assert sum(restored_pending) > 0
 
-    # Feast holds the final counters (one labeler worker: exact).
-    users = sorted({row["user_id"] for row in impressions.values()})[:5]
-    online = (
-        open_store(s.feast)
-        .get_online_features(
-            features=["user_counters:user_impressions", "user_counters:user_clicks"],
-            entity_rows=[{"user_id": u} for u in users],
-        )
-        .to_dict()
-    )
-    for user, shown, clicks in zip(
-        users, online["user_impressions"], online["user_clicks"], strict=True
-    ):
-        rows = [r for r in impressions.values() if r["user_id"] == user]
-        assert shown == len(rows), user
-        assert clicks == sum(r["request_id"] in clicked for r in rows), user
-    print(
-        f"\n{s.labeler.feedback} mode: {KILLS} kills, {len(impressions)} impressions, "
-        f"{traffic.clicks_sent} clicks "
-        f"({len(clicked)} clicked impressions, {late} late positives, {len(unknown)} unknown), "
-        f"{len(labels)} labels, {seconds:.0f}s"
-    )
+def _assert_counters(s: Settings, traffic: Traffic, every_entity: bool = False) -> int:
+    """Feast's counters equal the produced impressions and clicks, for five users (or
+    every user and ad); returns how many entities were checked. The last increments
+    reach the store a moment after the last label: waited for."""
+    rows = list(traffic.impressions.values())
+    users = sorted({r["user_id"] for r in rows})
+    ads = sorted({r["ad_id"] for r in rows}) if every_entity else []
+    users = users if every_entity else users[:5]
+    expected = {
+        (kind, entity): [
+            sum(r[f"{kind}_id"] == entity for r in rows),
+            sum(r[f"{kind}_id"] == entity and r["request_id"] in traffic.clicked for r in rows),
+        ]
+        for kind, entities in (("user", users), ("ad", ads))
+        for entity in entities
+    }
+    store = open_store(s.feast)
+    deadline = time.monotonic() + 30
+    while True:
+        online = {}
+        for kind, entities in (("user", users), ("ad", ads)):
+            if not entities:
+                continue
+            got = store.get_online_features(
+                features=[f"{kind}_counters:{kind}_impressions", f"{kind}_counters:{kind}_clicks"],
+                entity_rows=[{f"{kind}_id": e} for e in entities],
+            ).to_dict()
+            for e, shown, clicks in zip(
+                entities, got[f"{kind}_impressions"], got[f"{kind}_clicks"], strict=True
+            ):
+                online[(kind, e)] = [shown, clicks]
+        if online == expected or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    wrong = {k: (online[k], v) for k, v in expected.items() if online[k] != v}
+    assert not wrong, f"{len(wrong)} counters (online, produced) differ: {list(wrong.items())[:5]}"
+    return len(expected)
 
 
 @pytest.mark.parametrize("world", ["window"], indirect=True)

@@ -47,7 +47,7 @@ def served_samples() -> list[tuple[str, set[str]]]:
     labelled metric observed once."""
     registry = CollectorRegistry()
     ScoringMetrics(registry).stage_seconds.labels("total").observe(0.001)
-    registry.register(LabelerCollector(Labeler("f", "l", "s", 10.0)))
+    registry.register(LabelerCollector(Labeler("f", "l", "s", "c", 10.0)))
     app = SimpleNamespace(
         name="app",
         counters=dict.fromkeys(("consumed", "produced", "dead_letters", "batches"), 0)

@@ -87,6 +87,7 @@ SAMPLES = {
         "metrics": {"auc": 0.71, "logloss": 0.052},
         "learned_click_times": [T0 - 9_000, T0 - 4_000],
     },
+    "counter_update": {"impressions": 3, "clicks": 1},
     "labeler_state": {
         "impression": None,
         "label": None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import zlib
 
 import pytest
 from confluent_kafka import TopicPartition
@@ -17,12 +18,18 @@ FEATURE_LOG = "feature-log"
 CLICKS = "ad-clicks"
 LABELLED = "labelled-events"
 STATE = "labeler-state"
+COUNTERS = "counter-updates"
 WINDOW_S = 10.0
 WINDOW_MS = 10_000
 T0 = 1_700_000_000_000
 
 LABELLED_CODEC = AvroCodec("labelled_event")
 STATE_CODEC = AvroCodec("labeler_state")
+
+
+def home(key):
+    """The counter-updates partition of a counter key (the tests' partitioner)."""
+    return zlib.crc32(key.encode()) % 4
 
 
 class FakeClock:
@@ -87,6 +94,7 @@ class Harness:
             FEATURE_LOG,
             LABELLED,
             STATE,
+            COUNTERS,
             WINDOW_S,
             read_state=self.changelog.read,
             push_counters=push_counters,
@@ -118,11 +126,31 @@ class Harness:
         return Record(CLICKS, partition, offset, request_id.encode(), value, b"click")
 
     def __call__(self, *records, now=None):
+        """One batch, and the counter increments it produced read back as the next one
+        (partition: the key's CRC mod 4, as a broker's partitioner would spread them);
+        the outputs and dead letters of both."""
         if now is not None:
             self.clock.now_ms = now
         result = self.labeler(list(records))
         assert isinstance(result, BatchResult)
         self.changelog.write(result.outputs)
+        increments = [
+            Record(
+                COUNTERS,
+                home(o.key),
+                self.offsets(COUNTERS, home(o.key)),
+                o.key.encode(),
+                o.value,
+                b"",
+            )
+            for o in result.outputs
+            if o.topic == COUNTERS
+        ]
+        if increments:
+            counted = self.labeler(increments)
+            self.changelog.write(counted.outputs)
+            result.outputs.extend(counted.outputs)
+            result.dead_letters.extend(counted.dead_letters)
         return result
 
 
@@ -133,7 +161,7 @@ def h():
 
 def labels(result):
     """The labelled-events outputs (the rest are changelog records)."""
-    outputs = [o for o in result.outputs if o.topic != STATE]
+    outputs = [o for o in result.outputs if o.topic not in (STATE, COUNTERS)]
     assert all(o.topic == LABELLED for o in outputs)
     for output in outputs:  # each must honour the labelled-events contract
         LABELLED_CODEC.decode(LABELLED_CODEC.encode(output.value))
@@ -418,8 +446,8 @@ def test_every_state_change_is_a_changelog_record_pinned_to_its_input_partition(
     result = h(h.impression("r1", T0, partition=2), h.click("ghost", T0, partition=3), now=T0)
     assert changelog(result) == {
         (2, "r1"): {"impression": h.labeler.partitions[2].pending["r1"].impression, "label": None},
-        (2, "user:user-1"): {"counter": {"impressions": 1, "clicks": 0}},
-        (2, "ad:ad-1"): {"counter": {"impressions": 1, "clicks": 0}},
+        (home("user:user-1"), "user:user-1"): {"counter": {"impressions": 1, "clicks": 0}},
+        (home("ad:ad-1"), "ad:ad-1"): {"counter": {"impressions": 1, "clicks": 0}},
         (3, "ghost"): {
             "orphan_click": {
                 "click": {
@@ -439,8 +467,8 @@ def test_every_state_change_is_a_changelog_record_pinned_to_its_input_partition(
     result = h(h.click("r1", T0 + 1_000, partition=2), now=T0 + 1_000)
     assert changelog(result) == {
         (2, "r1"): {"impression": h.labeler.partitions[2].decided["r1"].impression, "label": 1},
-        (2, "user:user-1"): {"counter": {"impressions": 1, "clicks": 1}},
-        (2, "ad:ad-1"): {"counter": {"impressions": 1, "clicks": 1}},
+        (home("user:user-1"), "user:user-1"): {"counter": {"impressions": 1, "clicks": 1}},
+        (home("ad:ad-1"), "ad:ad-1"): {"counter": {"impressions": 1, "clicks": 1}},
     }
     assert h(now=T0 + 2_000).outputs == []  # nothing changed, nothing written
 
@@ -453,7 +481,8 @@ def test_entries_that_go_away_are_tombstones(h):
         (0, "ghost"): None,
     }
     assert changelog(h(now=T0 + 10 * WINDOW_MS)) == {(0, "r1"): None}  # forgotten
-    assert h.changelog.state[0].keys() == {"user:user-1", "ad:ad-1"}
+    assert h.changelog.state[0] == {}  # the counters live in their entities' partitions
+    assert "user:user-1" in h.changelog.state[home("user:user-1")]
 
 
 def scenario(h, n):
@@ -506,7 +535,7 @@ def test_state_restored_from_the_changelog_gives_identical_decisions(crash_after
     # A fresh labeler takes over both partitions, restored from the compacted changelog.
     again = Harness(changelog=first.changelog, clock=first.clock, fake_negative=fake_negative)
     again.offsets = first.offsets
-    assignment = [TopicPartition(t, p) for t in (FEATURE_LOG, CLICKS) for p in (0, 1)]
+    assignment = [TopicPartition(t, p) for t in (FEATURE_LOG, CLICKS, COUNTERS) for p in range(4)]
     assert again.labeler.on_assign(assignment) == assignment
     after = [scenario(again, n) for n in range(crash_after, 12)]
     assert decisions(before + after) == expected
@@ -548,14 +577,37 @@ def test_on_assign_restores_only_new_partitions_and_on_revoke_drops_them(h):
     assert set(fresh.labeler.partitions) == {1}
 
 
-def test_counters_are_kept_per_partition_and_pushed_as_their_sum():
+def test_counters_are_repartitioned_by_entity_and_summed_where_they_land():
     pushes = []
     h = Harness(push_counters=lambda users, ads: pushes.append(copy.deepcopy((users, ads))))
-    h(h.impression("r1", T0, partition=0), h.impression("r2", T0, partition=3), now=T0)
+    result = h(h.impression("r1", T0, partition=0), h.impression("r2", T0, partition=3), now=T0)
+    # One increment per entity and batch, keyed by it, whatever partitions it came from.
+    increments = {o.key: o.value for o in result.outputs if o.topic == COUNTERS}
+    assert increments == {
+        "user:user-1": {"impressions": 2, "clicks": 0},
+        "ad:ad-1": {"impressions": 2, "clicks": 0},
+    }
     assert pushes == [({"user-1": [2, 0]}, {"ad-1": [2, 0]})]
-    assert h.labeler.partitions[0].counters["user:user-1"] == [1, 0]
-    h.labeler.on_revoke([TopicPartition(FEATURE_LOG, 3)])
-    assert h.labeler.user_counters == {"user-1": [1, 0]}  # this worker's share
+    holder = home("user:user-1")
+    assert h.labeler.partitions[holder].counters["user:user-1"] == [2, 0]
+    assert all(
+        "user:user-1" not in state.counters
+        for n, state in h.labeler.partitions.items()
+        if n != holder
+    )
+    # The worker that takes the entity's partition gets its whole count.
+    other = Harness(changelog=h.changelog)
+    other.labeler.on_assign([TopicPartition(COUNTERS, holder)])
+    assert other.labeler.user_counters == {"user-1": [2, 0]}
+
+
+def test_a_counter_update_with_a_key_that_is_no_entity_is_dead_lettered(h):
+    bad = Record(COUNTERS, 0, 0, b"nobody", {"impressions": 1, "clicks": 0}, b"x")
+    result = h(bad, now=T0)
+    assert [reason for _, reason in result.dead_letters] == [
+        "counter key 'nobody' is not user:<id> or ad:<id>"
+    ]
+    assert h.labeler.user_counters == {}
 
 
 # --- counters -------------------------------------------------------------------------
@@ -613,12 +665,18 @@ def test_a_store_that_is_down_holds_counters_back_and_gets_all_of_them_when_back
         for k in range(2, 5):  # labels go on while the store is down
             result = h(h.impression(f"r{k}", T0 + k, user_id=f"u{k}", ad_id="a1"), now=T0 + k)
             assert len(labels(result)) == 0  # window mode: negatives come at expiry
-        assert h.labeler.counts["counter_push_failures"] == 3
+        # Each batch while down tries once (the increments' batch too), one line in all.
+        assert h.labeler.counts["counter_push_failures"] >= 3
         assert store.pushes == [({"u1": [1, 0]}, {"a1": [1, 0]})]
         store.down = False  # back, and empty: profiles first, then every counter
+        before = len(store.pushes)
         h(h.impression("r5", T0 + 5, user_id="u5", ad_id="a2"), now=T0 + 5)
         assert store.restores == 1
-        assert store.pushes[-1] == (
+        users, ads = {}, {}
+        for pushed_users, pushed_ads in store.pushes[before:]:
+            users.update(pushed_users)
+            ads.update(pushed_ads)
+        assert (users, ads) == (
             {f"u{k}": [1, 0] for k in (1, 2, 3, 4, 5)},
             {"a1": [4, 0], "a2": [1, 0]},
         )

@@ -46,7 +46,7 @@ def test_defaults():
     assert s.kafka.topics.ad_requests.name == "ad-requests"
     assert s.kafka.topics.ad_requests.partitions == 4
     assert s.kafka.topics.labelled_events.partitions == 1
-    assert len(s.kafka.topics.all()) == 8
+    assert len(s.kafka.topics.all()) == 9
     assert list(s.simulator.format_shares) == ["audio", "video", "display"]
 
 
