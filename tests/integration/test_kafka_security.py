@@ -28,7 +28,7 @@ from camoe.sim.loop import demo_settings, run_loop
 from camoe.stack import kafka
 from camoe.stack.process import stop_pid
 from camoe.streaming.avro import AvroCodec
-from camoe.supervisor import write_settings
+from camoe.supervisor import secret_environment, write_settings
 from tests.certificates import issue_server_certificate, make_ca
 
 log = logging.getLogger(__name__)
@@ -124,10 +124,12 @@ def run_component(
     """``camoe <name>`` with ``settings`` until it exits (at most 60 s): its exit code,
     its output and how long it ran."""
     config = write_settings(settings, tmp_path / "settings.yaml")
-    env = {**os.environ, "CAMOE_CONFIG": str(config), "PYTHONFAULTHANDLER": "1"}
-    password = settings.kafka.security.password
-    if password is not None:
-        env["CAMOE_KAFKA__SECURITY__PASSWORD"] = password.get_secret_value()
+    env = {
+        **os.environ,
+        "CAMOE_CONFIG": str(config),
+        "PYTHONFAULTHANDLER": "1",
+        **secret_environment(settings),
+    }
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "camoe.cli", name],
